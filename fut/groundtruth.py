@@ -1,0 +1,126 @@
+"""The retraining oracle and the ground-truth stage.
+
+`Oracle.retrain(order)` replays the window from the stored window-start state through `run_window`, the code
+path of the reference run. The ground truth retrains a seeded set of orders in worker processes; each order's
+result is written atomically to its own file with the reference hash, so an interrupted stage resumes with
+the orders still missing and never reads a half-written one.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import Params
+from .data import Prepared, load_prepared
+from .device import configure_threads
+from .evaluation import eval_losses, ppl, window_batch_losses
+from .orders import validate_order
+from .reference import load_checkpoint, reference_hash
+from .storage import atomic_write_json, read_json
+from .training import Trainer, TrainState, run_window
+
+
+class Oracle:
+    """Ground truth for any order: real retraining of the window, same code path as the reference run."""
+
+    def __init__(self, params: Params, data_dir: Path, ref_dir: Path):
+        configure_threads(params.train)
+        self.params = params
+        self.prepared: Prepared = load_prepared(data_dir, params)
+        self.ref_hash = reference_hash(params, self.prepared)
+        self.start = load_checkpoint(ref_dir, 0, self.ref_hash)
+
+    def retrain_trainer(self, order: Sequence[int], on_step=None, start: TrainState | None = None) -> Trainer:
+        order = validate_order(order, self.params.window.steps, permutation=False)
+        return run_window(self.params, self.prepared, start or self.start, order, on_step=on_step)
+
+    def retrain(self, order: Sequence[int], eval_every: int = 0, start: TrainState | None = None) -> dict:
+        """Final eval loss/PPL, per-domain losses, every window batch's loss, and the eval loss every
+        `eval_every` steps (0: only at the end)."""
+        t0 = time.perf_counter()
+        curve: dict[int, float] = {}
+
+        def on_step(t: int, trainer: Trainer, loss: float) -> None:
+            if eval_every and t % eval_every == 0 and t < self.params.window.steps:
+                curve[t] = eval_losses(trainer, self.prepared)[0]
+
+        trainer = self.retrain_trainer(order, on_step, start)
+        loss, per_domain = eval_losses(trainer, self.prepared)
+        curve[self.params.window.steps] = loss
+        return {"order": list(order), "eval_loss": loss, "eval_ppl": ppl(loss), "domain_eval_loss": per_domain,
+                "batch_losses": window_batch_losses(trainer, self.prepared),
+                "trajectory": {"step": list(curve), "eval_loss": list(curve.values())},
+                "seconds": time.perf_counter() - t0, "reference_hash": self.ref_hash}
+
+
+_worker: Oracle | None = None
+
+
+def _init_worker(params: Params, data_dir: Path, ref_dir: Path) -> None:
+    global _worker
+    _worker = Oracle(params, data_dir, ref_dir)
+
+
+def _retrain_in_worker(name: str, order: list[int], eval_every: int) -> tuple[str, dict]:
+    return name, _worker.retrain(order, eval_every)
+
+
+def result_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.json"
+
+
+def is_complete(path: Path, order: list[int], ref_hash: str) -> bool:
+    """A stored result counts only if it is for this order and this reference run."""
+    if not path.is_file():
+        return False
+    try:
+        r = read_json(path)
+    except ValueError:
+        return False
+    return r.get("order") == order and r.get("reference_hash") == ref_hash
+
+
+def run_groundtruth(params: Params, orders: dict[str, list[int]], data_dir: Path, ref_dir: Path, out_dir: Path,
+                    eval_every: int, workers: int, progress: bool = True) -> dict[str, dict]:
+    """Retrain every order not already stored; returns all results by order name."""
+    prepared = load_prepared(data_dir, params)
+    ref_hash = reference_hash(params, prepared)
+    todo = {n: o for n, o in orders.items() if not is_complete(result_path(out_dir, n), o, ref_hash)}
+    bar = tqdm(total=len(orders), initial=len(orders) - len(todo), desc="ground truth", disable=not progress)
+    if todo:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                                    initializer=_init_worker, initargs=(params, data_dir, ref_dir)) as pool:
+            futures = [pool.submit(_retrain_in_worker, n, o, eval_every) for n, o in todo.items()]
+            for fut in cf.as_completed(futures):
+                name, result = fut.result()
+                atomic_write_json(result_path(out_dir, name), {"name": name, **result})
+                bar.update()
+    bar.close()
+    return {n: read_json(result_path(out_dir, n)) for n in orders}
+
+
+def noise_floor(oracle: Oracle, seed: int = 0) -> dict:
+    """How far the identity order's PPL moves under float noise alone: θ_0 perturbed at float32 rounding
+    (relative 2^-23, one ulp, random signs), and the window trained with 2 threads instead of `train.threads`.
+    Training has no other per-run randomness (no dropout, fixed batches), so this is the spread two runs of
+    the same order can show."""
+    T = oracle.params.window.steps
+    base = oracle.retrain(range(T))["eval_ppl"]
+    gen = torch.Generator().manual_seed(seed)
+    s = oracle.start
+    theta = {k: t * (1 + 2.0 ** -23 * (torch.randint(0, 2, t.shape, generator=gen) * 2 - 1)) for k, t in s.theta.items()}
+    rounding = oracle.retrain(range(T), start=TrainState(theta, s.m, s.v, s.adam_step))["eval_ppl"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if threads != 2 else 1)
+    try:
+        other_threads = oracle.retrain(range(T))["eval_ppl"]
+    finally:
+        torch.set_num_threads(threads)
+    return {"rounding_perturbation_abs_ppl": abs(rounding - base), "thread_count_abs_ppl": abs(other_threads - base)}

@@ -1,0 +1,161 @@
+"""Training with `torch.optim.AdamW`: the warm start, the order window, and evaluation.
+
+The reference run and every retrain go through `run_window`, starting from the same stored window-start state,
+so retraining the identity order reproduces the reference trajectory bit for bit on the CPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .adam import AdamHyper
+from .config import ConfigError, Params, Schedule
+from .data import Prepared
+from .device import autocast, resolve_device
+from .model import build_model
+
+
+@dataclass
+class TrainState:
+    """Parameters and AdamW moments by parameter name, plus the optimizer's step count."""
+    theta: dict[str, torch.Tensor]
+    m: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+    adam_step: int
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"theta.{k}": t for k, t in self.theta.items()}, **{f"m.{k}": t for k, t in self.m.items()},
+                **{f"v.{k}": t for k, t in self.v.items()}}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], adam_step: int) -> "TrainState":
+        part = lambda prefix: {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        return cls(part("theta."), part("m."), part("v."), adam_step)
+
+
+def lr_factor(schedule: Schedule, step: int, total: int) -> float:
+    """Multiplier of the base lr at `step` (0-based) of `total`; cosine and linear decay to 10%."""
+    if schedule == "constant":
+        return 1.0
+    frac = step / total
+    if schedule == "cosine":
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+    return 1.0 - 0.9 * frac
+
+
+def window_lrs(params: Params) -> list[float]:
+    """η_t for every window step, as the estimators need it."""
+    w = params.window
+    return [w.lr * lr_factor(w.schedule, t, w.steps) for t in range(w.steps)]
+
+
+class Trainer:
+    """A model and its AdamW optimizer on the resolved device; one `step` is one training step."""
+
+    def __init__(self, params: Params, prepared: Prepared, state: TrainState | None, lr: float,
+                 schedule: Schedule, total_steps: int):
+        self.params = params
+        self.device = resolve_device(params.train)
+        self.model = build_model(params.model, prepared.vocab_size, params.data.seq_len, prepared.eos_id)
+        self.model.to(self.device)
+        o = params.optimizer
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                           weight_decay=o.weight_decay, foreach=False)
+        self.named = dict(self.model.named_parameters())   # tied weights appear once
+        if state is not None:
+            self._load(state)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(schedule, s, total_steps))
+
+    def _load(self, state: TrainState) -> None:
+        with torch.no_grad():
+            for name, p in self.named.items():
+                p.copy_(state.theta[name])
+        if state.adam_step > 0:
+            for name, p in self.named.items():
+                self.optimizer.state[p] = {"step": torch.tensor(float(state.adam_step)),
+                                           "exp_avg": state.m[name].to(self.device).clone(),
+                                           "exp_avg_sq": state.v[name].to(self.device).clone()}
+
+    def state(self) -> TrainState:
+        theta, m, v, step = {}, {}, {}, 0
+        for name, p in self.named.items():
+            s = self.optimizer.state.get(p)
+            theta[name] = p.detach().cpu().clone()
+            m[name] = s["exp_avg"].detach().cpu().clone() if s else torch.zeros_like(theta[name])
+            v[name] = s["exp_avg_sq"].detach().cpu().clone() if s else torch.zeros_like(theta[name])
+            step = int(s["step"].item()) if s else 0
+        return TrainState(theta, m, v, step)
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device)
+        with autocast(self.params.train, self.device):
+            return self.model(input_ids=batch, labels=batch).loss
+
+    def step(self, batch: torch.Tensor) -> float:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(batch)
+        loss.backward()
+        if self.params.optimizer.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.params.optimizer.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+
+def initial_state(params: Params, prepared: Prepared) -> TrainState:
+    return Trainer(params, prepared, None, 1.0, "constant", 1).state()
+
+
+def warm_start(params: Params, prepared: Prepared, progress: bool = True) -> tuple[TrainState, list[float]]:
+    """Pretrain on the warm-start split (seeded batches, epochs reshuffled); returns the carried state."""
+    ws = params.warmstart
+    if not ws.enabled:
+        return initial_state(params, prepared), []
+    pool = prepared.warmstart
+    if len(pool) < ws.batch_size:
+        raise ConfigError(f"params: warmstart.batch_size = {ws.batch_size} is larger than the warm-start split "
+                          f"({len(pool)} sequences); lower it or raise corpus.max_chars_per_domain")
+    trainer = Trainer(params, prepared, None, ws.lr, ws.schedule, ws.steps)
+    gen = torch.Generator().manual_seed(ws.seed)
+    perm, pos, losses = torch.randperm(len(pool), generator=gen), 0, []
+    for _ in tqdm(range(ws.steps), desc="warm start", disable=not progress):
+        if pos + ws.batch_size > len(pool):
+            perm, pos = torch.randperm(len(pool), generator=gen), 0
+        losses.append(trainer.step(pool[perm[pos: pos + ws.batch_size]]))
+        pos += ws.batch_size
+    return trainer.state(), losses
+
+
+StepHook = Callable[[int, Trainer, float], None]
+
+
+def run_window(params: Params, prepared: Prepared, start: TrainState, order: Sequence[int],
+               on_step: StepHook | None = None, progress: bool = False) -> Trainer:
+    """Train the window in `order` (batch indices) from `start`; `on_step(t, trainer, loss)` after step t."""
+    w = params.window
+    trainer = Trainer(params, prepared, start, w.lr, w.schedule, w.steps)
+    for t, j in enumerate(tqdm(order, desc="window", disable=not progress), start=1):
+        loss = trainer.step(prepared.window[j])
+        if on_step is not None:
+            on_step(t, trainer, loss)
+    return trainer
+
+
+@torch.no_grad()
+def sequence_losses(trainer: Trainer, seqs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Mean next-token loss of each sequence, [N] on the CPU."""
+    trainer.model.eval()
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        batch = seqs[i: i + batch_size].to(trainer.device)
+        with autocast(trainer.params.train, trainer.device):
+            logits = trainer.model(input_ids=batch).logits
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch[:, 1:], reduction="none")
+        out.append(ce.mean(dim=1).cpu())
+    return torch.cat(out)

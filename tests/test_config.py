@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fut import config
+from fut.model import count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_params_load():
+    p = config.load(ROOT / "params.yaml")
+    assert p.window.steps == 24 and p.warmstart.enabled
+    assert set(p.corpus.sources) == {"shakespeare", "bible", "python_docs", "linux_docs"}
+
+
+@pytest.mark.parametrize("path, value, needle", [
+    (("window", "batch_size"), 0, "window.batch_size = 0"),
+    (("window", "lr"), -1e-4, "window.lr = -0.0001"),
+    (("warmstart", "lr"), "fast", "warmstart.lr = 'fast'"),
+    (("tokenizer", "vocab_size"), 200, "tokenizer.vocab_size = 200"),
+    (("model", "num_attention_heads"), 3, "model.num_attention_heads = 3"),
+    (("window", "steps"), 1, "window.steps = 1"),
+    (("window", "batches"), "shuffled", "window.batches = 'shuffled'"),
+    (("optimizer", "beta2"), 1.0, "optimizer.beta2 = 1.0"),
+    (("train", "threads"), 2.5, "train.threads = 2.5"),
+    (("groundtruth", "structured"), ["sideways"], "groundtruth.structured[0] = 'sideways'"),
+    (("warmstart", "enabled"), "yes", "warmstart.enabled = 'yes'"),
+])
+def test_bad_values_name_key_value_and_allowed(params_dict, path, value, needle):
+    params_dict[path[0]][path[1]] = value
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict(params_dict)
+    assert needle in str(err.value) and "expected" in str(err.value)
+
+
+def test_unknown_key_is_refused_with_allowed_keys(params_dict):
+    params_dict["window"]["batchsize"] = 8
+    with pytest.raises(config.ConfigError, match=r"unknown key window\.batchsize.*allowed keys here: steps, batch_size"):
+        config.from_dict(params_dict)
+
+
+def test_missing_section_is_refused(params_dict):
+    del params_dict["model"]
+    with pytest.raises(config.ConfigError, match="missing key model"):
+        config.from_dict(params_dict)
+
+
+def test_source_kind_needs_its_fields(params_dict):
+    params_dict["corpus"]["sources"]["genesis"] = {"kind": "local_text"}
+    with pytest.raises(config.ConfigError, match=r"corpus\.sources\.genesis\.path"):
+        config.from_dict(params_dict)
+
+
+def test_section_hash_tracks_only_named_sections(params_dict):
+    a = config.from_dict(params_dict)
+    params_dict["groundtruth"]["n_random"] = 7
+    b = config.from_dict(params_dict)
+    assert a.section_hash("model", "window") == b.section_hash("model", "window")
+    assert a.section_hash("groundtruth") != b.section_hash("groundtruth")
+
+
+def test_default_model_is_about_one_million_parameters():
+    p = config.load(ROOT / "params.yaml")
+    n = count_parameters(p.model, p.tokenizer.vocab_size, p.data.seq_len)
+    assert 0.8e6 <= n <= 1.2e6
+
+
+def test_gpu_profile_is_about_200m_parameters_without_allocating():
+    p = config.load(ROOT / "profiles" / "gpu-200m.yaml")
+    n = count_parameters(p.model, p.tokenizer.vocab_size, p.data.seq_len)
+    assert 180e6 <= n <= 230e6
+    assert p.train.device == "cuda" and p.train.precision == "bf16"
+
+
+def test_environment_yml_mirrors_requirements():
+    reqs = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert sorted(r for r in reqs if r) == sorted(x for x in pip if not x.startswith("-e"))

@@ -1,0 +1,97 @@
+"""Reference run, retraining oracle, ground truth: exactness, provenance and resumption."""
+import json
+
+import pytest
+import torch
+
+from fut import data, pipeline, reference
+from fut.groundtruth import Oracle, result_path, run_groundtruth
+from fut.storage import ArtefactMismatch, load_tensors
+
+
+def test_identity_retrain_reproduces_reference_bit_for_bit(tiny):
+    params, data_dir, ref_dir, metrics = tiny
+    assert metrics["identity_retrain_bitwise"] is True
+    oracle = Oracle(params, data_dir, ref_dir)
+    T = params.window.steps
+    final = oracle.retrain_trainer(range(T)).state()
+    stored = reference.load_checkpoint(ref_dir, T, oracle.ref_hash)
+    for name in stored.theta:
+        assert torch.equal(final.theta[name], stored.theta[name])
+        assert torch.equal(final.m[name], stored.m[name]) and torch.equal(final.v[name], stored.v[name])
+    assert final.adam_step == stored.adam_step == params.warmstart.steps + T
+
+
+def test_every_stored_step_matches_the_retrained_trajectory(tiny):
+    params, data_dir, ref_dir, _ = tiny
+    oracle = Oracle(params, data_dir, ref_dir)
+    mismatches = []
+
+    def check(t, trainer, loss):
+        want = reference.load_checkpoint(ref_dir, t, oracle.ref_hash)
+        if not reference.states_equal(trainer.state(), want):
+            mismatches.append(t)
+
+    oracle.retrain_trainer(range(params.window.steps), on_step=check)
+    assert mismatches == []
+
+
+def test_another_order_gives_another_model(tiny):
+    params, data_dir, ref_dir, _ = tiny
+    oracle = Oracle(params, data_dir, ref_dir)
+    T = params.window.steps
+    a = oracle.retrain(list(range(T)))
+    b = oracle.retrain(list(reversed(range(T))))
+    assert a["eval_loss"] != b["eval_loss"]
+    assert len(a["batch_losses"]) == T and set(a["domain_eval_loss"]) == {"genesis", "gospels"}
+    assert a["trajectory"]["step"][-1] == T
+
+
+def test_checkpoint_from_other_params_is_refused(tiny, params_dict):
+    params, data_dir, ref_dir, _ = tiny
+    params_dict["optimizer"]["weight_decay"] = 0.5
+    from fut import config
+
+    other = config.from_dict(params_dict)
+    with pytest.raises(ArtefactMismatch, match="metadata 'reference_hash'"):
+        Oracle(other, data_dir, ref_dir)
+
+
+def test_checkpoint_metadata_records_provenance(tiny):
+    params, data_dir, ref_dir, _ = tiny
+    _, meta = load_tensors(reference.checkpoint_path(ref_dir, 0))
+    assert meta["window_step"] == 0 and meta["adam_step"] == params.warmstart.steps
+    assert meta["versions"]["torch"] == torch.__version__
+    assert meta["reference_hash"].startswith(data.load_prepared(data_dir, params).prepare_hash)
+
+
+def test_groundtruth_resumes_and_ignores_partial_or_foreign_results(tiny, tmp_path):
+    params, data_dir, ref_dir, _ = tiny
+    T = params.window.steps
+    orders = {"identity": list(range(T)), "reversed": list(reversed(range(T))), "shift": list(range(1, T)) + [0]}
+    first = run_groundtruth(params, orders, data_dir, ref_dir, tmp_path, eval_every=2, workers=2, progress=False)
+    assert set(first) == set(orders)
+    # An interrupted run: one result missing, one half-written, one from another reference run.
+    result_path(tmp_path, "identity").unlink()
+    result_path(tmp_path, "reversed").write_text('{"order": [')
+    foreign = json.loads(result_path(tmp_path, "shift").read_text())
+    foreign["reference_hash"] = "other"
+    result_path(tmp_path, "shift").write_text(json.dumps(foreign))
+    again = run_groundtruth(params, orders, data_dir, ref_dir, tmp_path, eval_every=2, workers=1, progress=False)
+    for name in orders:
+        assert again[name]["eval_loss"] == first[name]["eval_loss"]   # bit-identical across processes
+        assert again[name]["reference_hash"] == first[name]["reference_hash"]
+    stamp = result_path(tmp_path, "identity").stat().st_mtime_ns
+    run_groundtruth(params, orders, data_dir, ref_dir, tmp_path, eval_every=2, workers=1, progress=False)
+    assert result_path(tmp_path, "identity").stat().st_mtime_ns == stamp   # complete results are not redone
+
+
+def test_groundtruth_stage_metrics(tiny, tmp_path):
+    params, data_dir, ref_dir, _ = tiny
+    results, metrics = pipeline.groundtruth(params, data_dir, ref_dir, tmp_path)
+    # identity + 2 random + reversed + 2 domain blocks + easy/hard
+    assert metrics["n_orders"] == len(results) == 1 + 2 + 1 + 2 + 2
+    assert metrics["true_ppl_min"] <= metrics["identity_ppl"] <= metrics["true_ppl_max"]
+    assert results["identity"]["eval_ppl"] == pytest.approx(torch.tensor(results["identity"]["eval_loss"]).exp().item())
+    noise = metrics["noise_floor"]
+    assert set(noise) == {"rounding_perturbation_abs_ppl", "thread_count_abs_ppl"}
