@@ -34,8 +34,9 @@ def clip_scale(grad_norm: torch.Tensor, max_norm: float | None) -> torch.Tensor:
 
 
 def adam_moments(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hp: AdamHyper) -> tuple[torch.Tensor, torch.Tensor]:
+    # The very kernels torch.optim.AdamW uses (lerp, mul + addcmul), so replayed moments match bit for bit.
     m_new = torch.lerp(m, grad, 1 - hp.beta1)
-    v_new = v * hp.beta2 + (1 - hp.beta2) * grad * grad
+    v_new = v.mul(hp.beta2).addcmul(grad, grad, value=1 - hp.beta2)
     return m_new, v_new
 
 

@@ -196,6 +196,50 @@ class GroundtruthConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """Stage 2: per checkpoint t and window batch j, g(θ_t, B_j) in full space, Γ_{t,j} (reference state)
+    projected, the eval gradient, and the top Hessian eigenspace of a mixed batch."""
+    projection: Literal["sparse", "gaussian"] = "sparse"
+    k: int = 4096
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # of the full-space gradients
+    curvature_rank: int = 16
+    curvature_iterations: int = 24
+    curvature_batch: int = 8        # sequences in the mixed curvature batch, spread over the window batches
+    curvature_stride: int = 1       # eigenspace at every s-th checkpoint (the nearest earlier one is used)
+
+    def validate(self, key: str) -> None:
+        _check(self.k >= 1, f"{key}.k", self.k, "an int >= 1")
+        _check(self.curvature_rank >= 1, f"{key}.curvature_rank", self.curvature_rank, "an int >= 1")
+        _check(self.curvature_iterations >= self.curvature_rank, f"{key}.curvature_iterations",
+               self.curvature_iterations, f"an int >= cache.curvature_rank ({self.curvature_rank})")
+        _check(self.curvature_batch >= 1, f"{key}.curvature_batch", self.curvature_batch, "an int >= 1")
+        _check(self.curvature_stride >= 1, f"{key}.curvature_stride", self.curvature_stride, "an int >= 1")
+
+
+METHODS = ("naive", "fut", "fut++", "tracin", "tracin:full", "fut-state:none", "fut-state:secant",
+           "fut-state:eig", "fut-state:hvp")
+
+
+@dataclass(frozen=True)
+class EstimateConfig:
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    default: str = "fut-state:secant"
+    readout: Literal["exact", "linear"] = "exact"
+    k: Optional[int] = None          # projection prefix used by projected methods (null: cache.k)
+    holdout_seed: int = 0            # which half of the ground-truth orders is held out from any tuning
+    bootstrap: int = 1000
+    trajectory_orders: int = 4       # orders whose estimated eval loss is also read along the steps
+
+    def validate(self, key: str) -> None:
+        for i, m in enumerate(self.methods):
+            _check(m in METHODS, f"{key}.methods[{i}]", m, "one of " + ", ".join(METHODS))
+        _check(self.default in self.methods, f"{key}.default", self.default, f"one of {key}.methods")
+        _check(self.k is None or self.k >= 1, f"{key}.k", self.k, "null or an int >= 1")
+        _check(self.bootstrap >= 10, f"{key}.bootstrap", self.bootstrap, "an int >= 10")
+
+
+@dataclass(frozen=True)
 class Params:
     corpus: CorpusConfig
     tokenizer: TokenizerConfig
@@ -206,6 +250,8 @@ class Params:
     window: WindowConfig
     train: TrainConfig
     groundtruth: GroundtruthConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the named sections: the provenance key of an artefact built from them."""

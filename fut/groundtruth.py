@@ -21,7 +21,7 @@ from .data import Prepared, load_prepared
 from .device import configure_threads
 from .evaluation import eval_losses, ppl, window_batch_losses
 from .orders import validate_order
-from .reference import load_checkpoint, reference_hash
+from .reference import load_checkpoint, reference_hash, trajectory_key
 from .storage import atomic_write_json, read_json
 from .training import Trainer, TrainState, run_window
 
@@ -34,6 +34,7 @@ class Oracle:
         self.params = params
         self.prepared: Prepared = load_prepared(data_dir, params)
         self.ref_hash = reference_hash(params, self.prepared)
+        self.results_key = trajectory_key(params, self.prepared, ref_dir)
         self.start = load_checkpoint(ref_dir, 0, self.ref_hash)
 
     def retrain_trainer(self, order: Sequence[int], on_step=None, start: TrainState | None = None) -> Trainer:
@@ -56,7 +57,7 @@ class Oracle:
         return {"order": list(order), "eval_loss": loss, "eval_ppl": ppl(loss), "domain_eval_loss": per_domain,
                 "batch_losses": window_batch_losses(trainer, self.prepared),
                 "trajectory": {"step": list(curve), "eval_loss": list(curve.values())},
-                "seconds": time.perf_counter() - t0, "reference_hash": self.ref_hash}
+                "seconds": time.perf_counter() - t0, "reference_hash": self.results_key}
 
 
 _worker: Oracle | None = None
@@ -75,7 +76,7 @@ def result_path(out_dir: Path, name: str) -> Path:
     return Path(out_dir) / f"{name}.json"
 
 
-def is_complete(path: Path, order: list[int], ref_hash: str) -> bool:
+def is_complete(path: Path, order: list[int], key: str) -> bool:
     """A stored result counts only if it is for this order and this reference run."""
     if not path.is_file():
         return False
@@ -83,15 +84,15 @@ def is_complete(path: Path, order: list[int], ref_hash: str) -> bool:
         r = read_json(path)
     except ValueError:
         return False
-    return r.get("order") == order and r.get("reference_hash") == ref_hash
+    return r.get("order") == order and r.get("reference_hash") == key
 
 
 def run_groundtruth(params: Params, orders: dict[str, list[int]], data_dir: Path, ref_dir: Path, out_dir: Path,
                     eval_every: int, workers: int, progress: bool = True) -> dict[str, dict]:
     """Retrain every order not already stored; returns all results by order name."""
     prepared = load_prepared(data_dir, params)
-    ref_hash = reference_hash(params, prepared)
-    todo = {n: o for n, o in orders.items() if not is_complete(result_path(out_dir, n), o, ref_hash)}
+    key = trajectory_key(params, prepared, ref_dir)
+    todo = {n: o for n, o in orders.items() if not is_complete(result_path(out_dir, n), o, key)}
     bar = tqdm(total=len(orders), initial=len(orders) - len(todo), desc="ground truth", disable=not progress)
     if todo:
         ctx = multiprocessing.get_context("spawn")

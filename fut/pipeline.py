@@ -3,10 +3,18 @@ Notebooks call these, draw the figures and write the metrics."""
 from __future__ import annotations
 
 import logging
+import random
+import resource
 import statistics
+import time
 from pathlib import Path
 
-from . import config, corpus, data
+import numpy as np
+
+from . import config, corpus, data, estimators
+from .cache import CacheBuilder, UpdateCache
+from .estimators import EstimationContext
+from .validation import accuracy
 from .evaluation import ppl
 from .groundtruth import Oracle, noise_floor, run_groundtruth
 from .orders import groundtruth_orders
@@ -76,3 +84,96 @@ def groundtruth(params: config.Params, data_dir: Path, ref_dir: Path, out_dir: P
         "noise_floor": noise_floor(Oracle(params, data_dir, ref_dir)),
     }
     return results, metrics
+
+
+def cache(params: config.Params, data_dir: Path, ref_dir: Path, cache_dir: Path) -> dict:
+    """Build (or resume) the update cache; returns its cost and storage."""
+    prepared = data.load_prepared(data_dir, params)
+    built = CacheBuilder(params, prepared, ref_dir, cache_dir).build()
+    store = UpdateCache(params, prepared, ref_dir, cache_dir)
+    c = params.cache
+    metrics = {**built, **store.build_cost(), "bytes": store.bytes(), "projection": c.projection, "k": c.k, "dtype": c.dtype,
+               "curvature_rank": c.curvature_rank, "curvature_stride": c.curvature_stride}
+    atomic_write_json(Path(cache_dir) / "stats.json", metrics)
+    return metrics
+
+
+def held_out(names: list[str], seed: int) -> list[str]:
+    """The fixed half of the ground-truth orders (identity excluded) that no tuning ever sees."""
+    pool = sorted(n for n in names if n != "identity")
+    random.Random(seed).shuffle(pool)
+    return sorted(pool[: (len(pool) + 1) // 2])
+
+
+def _method_bytes(method: str, sizes: dict) -> int:
+    if method == "naive":
+        return 0
+    if method == "tracin":
+        return sizes["projected"]
+    extra = sizes["curvature"] if method == "fut-state:eig" else 0
+    return sizes["grad"] + sizes["eval_grad"] + extra
+
+
+def estimate(params: config.Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: Path) -> tuple[dict, dict]:
+    """Every configured estimator on the held-out ground-truth orders, against retraining."""
+    e = params.estimate
+    truth = read_json(Path(gt_dir) / "results.json")
+    names = held_out(list(truth), e.holdout_seed)
+    orders = [truth[n]["order"] for n in names]
+    true_loss = np.array([truth[n]["eval_loss"] for n in names])
+    ctx = EstimationContext(params, data_dir, ref_dir, cache_dir)
+    cache_stats = read_json(Path(cache_dir) / "stats.json")
+
+    # Retraining cost for the same readout (final eval loss only), measured here, side by side.
+    oracle = Oracle(params, data_dir, ref_dir)
+    t0 = time.perf_counter()
+    for order in orders[:3]:
+        oracle.retrain(order)
+    retrain_s = (time.perf_counter() - t0) / len(orders[:3])
+
+    identity = list(range(params.window.steps))
+    methods, per_order = {}, {"order": names, "true_loss": true_loss.tolist()}
+    for method in e.methods:
+        est = estimators.estimate(ctx, orders, method, readout_kind=e.readout, k=e.k)
+        exact_identity = float(estimators.estimate(ctx, [identity], method, e.readout, e.k).eval_loss[0]) == ctx.naive_loss
+        loss = est.eval_loss.double().numpy()
+        per_order[method] = loss.tolist()
+        sec = est.seconds / len(orders)
+        methods[method] = {
+            **accuracy(loss, true_loss, ctx.naive_loss, e.bootstrap, e.holdout_seed),
+            "seconds_per_order": sec, "speedup_vs_retrain": retrain_s / sec if sec > 0 else None,
+            "cache_seconds": 0.0 if method == "naive" else cache_stats["seconds"],
+            "cache_bytes": _method_bytes(method, cache_stats["bytes"]),
+            "break_even_orders": (cache_stats["seconds"] / (retrain_s - sec)) if 0 < sec < retrain_s else None,
+            "identity_returns_reference": exact_identity,
+            "peak_rss_mb_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        log.info("%s: %s", method, {k: methods[method][k] for k in ("spearman", "r2_order_effect", "seconds_per_order")})
+    trajectories = estimate_trajectories(ctx, oracle, truth, names[: e.trajectory_orders], e.default)
+    metrics = {"retrain_seconds_per_order": retrain_s, "default_method": e.default, "readout": e.readout,
+               "held_out_orders": len(names), "naive_eval_loss": ctx.naive_loss, "methods": methods,
+               "default_trajectory_error": trajectories["error"]}
+    return {"per_order": per_order, "trajectories": trajectories}, metrics
+
+
+def estimate_trajectories(ctx, oracle: Oracle, truth: dict, names: list[str], method: str) -> dict:
+    """Estimated and true eval loss along the steps for a few orders (the paper's trajectory figure), and the
+    parameter error ‖γ_est − γ_true‖ / ‖θ_T − γ_true‖ at the end."""
+    every = ctx.params.groundtruth.eval_every or ctx.T
+    rows, param_err = [], []
+    for name in names:
+        order = truth[name]["order"]
+        true_curve = dict(zip(truth[name]["trajectory"]["step"], truth[name]["trajectory"]["eval_loss"]))
+        for step in sorted(true_curve):
+            if step % every and step != ctx.T:
+                continue
+            est = estimators.estimate_at_step(ctx, order, method, step)
+            rows.append({"order": name, "step": step, "true_loss": true_curve[step], "est_loss": est})
+        gamma_true = ctx.layout.flatten(oracle.retrain_trainer(order).state().theta)
+        delta = estimators.estimate(ctx, [order], method).deviation
+        if delta is not None:
+            param_err.append(float((ctx.theta_T + delta[0] - gamma_true).norm() / (ctx.theta_T - gamma_true).norm()))
+    err = [abs(r["est_loss"] - r["true_loss"]) for r in rows]
+    return {"rows": rows, "error": {"mean_abs_loss_error_along_steps": statistics.fmean(err) if err else None,
+                                    "param_error": statistics.fmean(param_err) if param_err else None,
+                                    "method": method, "orders": names}}

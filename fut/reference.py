@@ -2,6 +2,7 @@
 for every window step t = 0..T as safetensors with provenance metadata."""
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -35,6 +36,13 @@ def load_checkpoint(ref_dir: Path, t: int, ref_hash: str) -> TrainState:
     """θ_t, m_t, v_t of the reference run; refused if it was built from other params or data."""
     tensors, meta = load_tensors(checkpoint_path(ref_dir, t), {"reference_hash": ref_hash, "window_step": t})
     return TrainState.from_tensors(tensors, meta["adam_step"])
+
+
+def trajectory_key(params: Params, prepared: Prepared, ref_dir: Path) -> str:
+    """What results derived from the reference run depend on: its params and its actual stored trajectory
+    (sha256 of θ_T, m_T, v_T), so a change in the training code with the same params invalidates them too."""
+    final = checkpoint_path(ref_dir, params.window.steps)
+    return reference_hash(params, prepared) + "/" + hashlib.sha256(final.read_bytes()).hexdigest()[:16]
 
 
 def states_equal(a: TrainState, b: TrainState) -> bool:

@@ -26,6 +26,8 @@ def tiny_params_dict(text_dir: Path) -> dict:
     p["warmstart"].update(steps=10, batch_size=4)
     p["window"].update(steps=6, batch_size=2)
     p["groundtruth"].update(n_random=2, workers=2, eval_every=2)
+    p["cache"].update(k=64, curvature_rank=2, curvature_iterations=4, curvature_batch=2)
+    p["estimate"].update(bootstrap=50, trajectory_orders=1)
     return p
 
 

@@ -50,10 +50,21 @@ def test_dvc_repro_builds_every_stage(repo):
                 "retrain_seconds_per_order"):
         assert key in gt
     assert gt["n_orders"] == 8
-    for nb in ("01_prepare", "02_reference", "03_groundtruth"):
+    est = json.loads((dest / "reports/metrics/estimators.json").read_text())
+    assert est["default_method"] == "fut-state:secant" and est["retrain_seconds_per_order"] > 0
+    for name, m in est["methods"].items():
+        for key in ("spearman", "kendall", "r2_order_effect", "absdiff_ppl", "rel_err", "seconds_per_order",
+                    "cache_seconds", "cache_bytes"):
+            assert key in m, (name, key)
+        assert m["identity_returns_reference"] is True, name
+    assert est["methods"]["naive"]["r2_order_effect"] == 0.0
+    cache = json.loads((dest / "reports/metrics/cache.json").read_text())
+    assert cache["pairs"] == 7 * 6 and cache["bytes"]["grad"] == 7 * 6 * ref["n_params"] * 4
+    for nb in ("01_prepare", "02_reference", "03_groundtruth", "04_cache", "05_estimate"):
         executed = json.loads((dest / f"reports/notebooks/{nb}.ipynb").read_text())
         assert any(c.get("outputs") for c in executed["cells"]), nb
-    for fig in ("corpus_tokens", "reference_curves", "groundtruth_ppl", "groundtruth_trajectories"):
+    for fig in ("corpus_tokens", "reference_curves", "groundtruth_ppl", "groundtruth_trajectories", "cache_cost",
+                "estimates_scatter", "estimate_trajectories"):
         assert (dest / f"reports/figures/{fig}.png").stat().st_size > 1000
     status = _run(["dvc", "status"], dest, env)
     assert "up to date" in status
@@ -64,6 +75,7 @@ def test_dvc_repro_builds_every_stage(repo):
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], dest, env)
     assert "Stage 'prepare' didn't change" in out and "Stage 'reference' didn't change" in out
+    assert "Stage 'cache' didn't change" in out
     assert json.loads((dest / "reports/metrics/groundtruth.json").read_text())["n_orders"] == 9
 
 

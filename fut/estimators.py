@@ -1,0 +1,225 @@
+"""Stage 3: estimators of the window's outcome under another batch order, all from the cache.
+
+Every parameter-space estimator tracks the deviation δ_t = γ_t − θ_t from the reference trajectory:
+    δ_{t+1} = δ_t − η_t (Γ̂_t − Γ_t),
+where Γ_t = Γ(θ_t, B_t; m_t, v_t) is the reference step (so θ_{t+1} = θ_t − η_t Γ_t) and Γ̂_t the method's
+estimate of the step the order σ takes. The identity order therefore gives δ = 0 exactly, and the deviation
+never drowns in the rounding of θ.
+
+- `fut`, `fut++` (the paper): Γ̂_t = Γ(θ_t, B_σ(t); m_t, v_t) + D1 ∘ δ_t (+ ½ D2 ∘ δ_t² for fut++), with the
+  reference Adam state, D1/D2 the elementwise first/second finite differences of Γ(·, B_σ(t); m_t, v_t) between
+  consecutive reference checkpoints.
+- `fut-state:<curvature>` (ours): Adam replayed with the order's own m, v on the linearised gradient
+  g(θ_t, B_σ(t)) + C_t δ_t, C_t = 0 (`none`), the paper's secant diagonal with a positive-part guard (`secant`),
+  the cached top eigenspace of a mixed-batch Hessian (`eig`), or the exact Hessian of B_σ(t) (`hvp`).
+- `tracin`: first-order influence along the reference path, ΔL = Σ_t ⟨∇L_E(θ_{t+1}), −η_t(Γ_{t,σ(t)} − Γ_{t,t})⟩,
+  in projected space (`tracin`) or full space (`tracin:full`).
+- `naive`: the order does not matter; L_E(θ_T).
+Readouts: `exact` evaluates the eval loss at γ_T = θ_T + δ_T; `linear` is L_E(θ_T) + ⟨∇L_E(θ_T), δ_T⟩.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .adam import AdamHyper, adam_direction, adam_moments, clip_scale
+from .cache import UpdateCache
+from .config import METHODS, Params
+from .curvature import LossFunction
+from .data import Prepared, load_prepared
+from .device import configure_threads
+from .flat import ParamLayout
+from .model import build_model
+from .orders import validate_order
+from .reference import load_checkpoint, reference_hash
+from .training import window_lrs
+
+
+@dataclass
+class Estimate:
+    method: str
+    eval_loss: torch.Tensor            # [n_orders]
+    deviation: torch.Tensor | None     # δ_T [n_orders, d] for parameter-space methods
+    seconds: float
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den elementwise, 0 where the checkpoints did not move a coordinate (den ≈ 0)."""
+    ok = den.abs() > 1e-12
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+class EstimationContext:
+    """Everything the estimators read: reference trajectory, cache, eval set and the loss function."""
+
+    def __init__(self, params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path):
+        configure_threads(params.train)
+        self.params = params
+        self.prepared: Prepared = load_prepared(data_dir, params)
+        self.ref_dir = Path(ref_dir)
+        self.ref_hash = reference_hash(params, self.prepared)
+        self.cache = UpdateCache(params, self.prepared, ref_dir, cache_dir)
+        self._states: dict = {}
+        self._grads: dict = {}
+        self.T = params.window.steps
+        self.lrs = window_lrs(params)
+        self.hp = AdamHyper.from_config(params.optimizer)
+        start = load_checkpoint(ref_dir, 0, self.ref_hash)
+        self.layout = ParamLayout.of(start.theta)
+        model = build_model(params.model, self.prepared.vocab_size, params.data.seq_len, self.prepared.eos_id)
+        self.loss = LossFunction(model, self.layout)
+        self.theta_T = self.flat_state(self.T)[0]
+        self.eval_seqs = self.prepared.eval_mixed
+        self.naive_loss = self.eval_loss(self.theta_T)
+
+    def flat_state(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """θ_t, m_t, v_t (flat) and the Adam step count of the reference checkpoint t."""
+        if t not in self._states:
+            s = load_checkpoint(self.ref_dir, t, self.ref_hash)
+            self._states = {k: v for k, v in self._states.items() if k == t - 1}   # replays walk forward
+            self._states[t] = (self.layout.flatten(s.theta), self.layout.flatten(s.m), self.layout.flatten(s.v),
+                               s.adam_step)
+        return self._states[t]
+
+    def grads(self, t: int) -> torch.Tensor:
+        """g(θ_t, B_j) for every batch j [T, d], one shard in memory at a time (two while stepping)."""
+        if t not in self._grads:
+            self._grads = {k: v for k, v in self._grads.items() if k == t - 1}
+            self._grads[t] = self.cache.grads(t)
+        return self._grads[t]
+
+    @torch.no_grad()
+    def eval_loss(self, flat: torch.Tensor) -> float:
+        return float(self.loss.loss(flat, self.eval_seqs))
+
+
+def _clip(g: torch.Tensor, hp: AdamHyper) -> torch.Tensor:
+    if hp.grad_clip is None:
+        return g
+    return g * clip_scale(g.norm(dim=-1, keepdim=True), hp.grad_clip)
+
+
+def _paper_gamma(ctx: EstimationContext, g: torch.Tensor, theta, m, v, step: int) -> torch.Tensor:
+    """Γ(θ, B; m, v) for gradient(s) g of B at θ, with the given (reference) Adam state."""
+    m1, v1 = adam_moments(_clip(g, ctx.hp), m, v, ctx.hp)
+    return adam_direction(m1, v1, step + 1, ctx.hp) + ctx.hp.weight_decay * theta
+
+
+def replay_paper(ctx: EstimationContext, sigma: torch.Tensor, second_order: bool, steps: int) -> torch.Tensor:
+    """FUT / FUT++ with the reference Adam state and finite-difference Taylor terms; returns δ_steps [n, d]."""
+    delta = torch.zeros(sigma.shape[0], ctx.layout.dim)
+    d1_prev = None
+    for t in range(steps):
+        theta, m, v, step = ctx.flat_state(t)
+        theta_next = ctx.flat_state(t + 1)[0]
+        grads, grads_next = ctx.grads(t), ctx.grads(t + 1)
+        ref = _paper_gamma(ctx, grads[t], theta, m, v, step)
+        gam = _paper_gamma(ctx, grads[sigma[:, t]], theta, m, v, step)
+        # Secant diagonal of ∂Γ(·, B_σ(t); m_t, v_t)/∂θ between θ_t and θ_{t+1}.
+        gam_next = _paper_gamma(ctx, grads_next[sigma[:, t]], theta_next, m, v, step)
+        dtheta = theta_next - theta
+        d1 = _safe_div(gam_next - gam, dtheta)
+        est = gam + d1 * delta
+        if second_order and d1_prev is not None:
+            est = est + 0.5 * _safe_div(d1 - d1_prev, dtheta) * delta * delta
+        d1_prev = d1
+        delta = delta - ctx.lrs[t] * (est - ref)
+    return delta
+
+
+def replay_state(ctx: EstimationContext, sigma: torch.Tensor, curvature: str, steps: int) -> torch.Tensor:
+    """fut-state: the order's own Adam moments on linearised gradients; returns δ_steps [n, d]."""
+    n = sigma.shape[0]
+    _, m0, v0, _ = ctx.flat_state(0)
+    delta = torch.zeros(n, ctx.layout.dim)
+    m, v = m0.expand(n, -1).clone(), v0.expand(n, -1).clone()
+    for t in range(steps):
+        theta, m_ref, v_ref, step = ctx.flat_state(t)
+        grads = ctx.grads(t)
+        ref = _paper_gamma(ctx, grads[t], theta, m_ref, v_ref, step)
+        g = grads[sigma[:, t]]
+        if curvature == "eig":
+            vals, vecs = ctx.cache.eigen(t)
+            g = g + ((delta @ vecs.t()) * vals) @ vecs
+        elif curvature == "secant":
+            dtheta = ctx.flat_state(t + 1)[0] - theta
+            g = g + _safe_div(ctx.grads(t + 1)[sigma[:, t]] - g, dtheta).clamp_min(0) * delta
+        elif curvature == "hvp":
+            g = g.clone()
+            for j in sigma[:, t].unique().tolist():
+                rows = (sigma[:, t] == j).nonzero().flatten()
+                g[rows] += ctx.loss.hvp(theta, ctx.prepared.window[j], delta[rows])
+        m, v = adam_moments(_clip(g, ctx.hp), m, v, ctx.hp)
+        est = adam_direction(m, v, step + 1, ctx.hp) + ctx.hp.weight_decay * (theta + delta)
+        delta = delta - ctx.lrs[t] * (est - ref)
+    return delta
+
+
+def tracin(ctx: EstimationContext, sigma: torch.Tensor, projected: bool, k: int | None) -> torch.Tensor:
+    """Direct estimate of the eval loss, L_E(θ_T) + Σ_t ⟨∇L_E(θ_{t+1}), −η_t(Γ_{t,σ(t)} − Γ_{t,t})⟩."""
+    total = torch.zeros(sigma.shape[0], dtype=torch.float64)
+    for t in range(ctx.T):
+        if projected:
+            gam = ctx.cache.tensor(t, "proj_gamma")
+            e = ctx.cache.tensor(t + 1, "proj_eval_grad")
+            if k is not None:
+                gam, e = gam[:, :k] * (gam.shape[1] / k) ** 0.5, e[:k] * (e.shape[0] / k) ** 0.5
+        else:
+            theta, m, v, step = ctx.flat_state(t)
+            grads = ctx.grads(t)
+            gam = torch.stack([_paper_gamma(ctx, grads[j], theta, m, v, step) for j in range(ctx.T)])
+            e = ctx.cache.tensor(t + 1, "eval_grad")
+        scores = gam @ e                                  # ⟨∇L_E, Γ_{t,j}⟩ for every batch j
+        total += -ctx.lrs[t] * (scores[sigma[:, t]] - scores[t]).double()
+    return ctx.naive_loss + total.float()
+
+
+def deviation(ctx: EstimationContext, sigma: torch.Tensor, method: str, steps: int) -> torch.Tensor:
+    if method in ("fut", "fut++"):
+        return replay_paper(ctx, sigma, second_order=method == "fut++", steps=steps)
+    if method.startswith("fut-state:"):
+        return replay_state(ctx, sigma, curvature=method.split(":")[1], steps=steps)
+    raise ValueError(f"method {method!r} does not estimate parameters")
+
+
+def readout(ctx: EstimationContext, delta: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "linear":
+        e = ctx.cache.tensor(ctx.T, "eval_grad")
+        return ctx.naive_loss + delta @ e
+    return torch.tensor([ctx.eval_loss(ctx.theta_T + dl) for dl in delta])
+
+
+def estimate_at_step(ctx: EstimationContext, order: Sequence[int], method: str, step: int) -> float:
+    """Estimated eval loss after `step` window steps of `order` (exact readout at θ_step + δ_step)."""
+    sigma = torch.tensor([validate_order(order, ctx.T, permutation=False)], dtype=torch.long)
+    if step == 0:
+        return ctx.eval_loss(ctx.flat_state(0)[0])
+    delta = deviation(ctx, sigma, method, step)
+    return ctx.eval_loss(ctx.flat_state(step)[0] + delta[0])
+
+
+def estimate(ctx: EstimationContext, orders: Sequence[Sequence[int]], method: str, readout_kind: str = "exact",
+             k: int | None = None, chunk: int = 32) -> Estimate:
+    """Estimated final eval loss of each order (batched over orders in chunks) by `method`."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    sigma = torch.tensor([validate_order(o, ctx.T, permutation=False) for o in orders], dtype=torch.long)
+    start = time.perf_counter()
+    losses, deviations = [], []
+    for c in range(0, len(sigma), chunk):
+        s = sigma[c: c + chunk]
+        if method == "naive":
+            losses.append(torch.full((len(s),), ctx.naive_loss))
+            continue
+        if method.startswith("tracin"):
+            losses.append(tracin(ctx, s, projected=method == "tracin", k=k))
+            continue
+        delta = deviation(ctx, s, method, ctx.T)
+        losses.append(readout(ctx, delta, readout_kind))
+        deviations.append(delta)
+    return Estimate(method, torch.cat(losses), torch.cat(deviations) if deviations else None,
+                    time.perf_counter() - start)
