@@ -108,20 +108,30 @@ def run_groundtruth(params: Params, orders: dict[str, list[int]], data_dir: Path
 
 
 def noise_floor(oracle: Oracle, seed: int = 0) -> dict:
-    """How far the identity order's PPL moves under float noise alone: θ_0 perturbed at float32 rounding
-    (relative 2^-23, one ulp, random signs), and the window trained with 2 threads instead of `train.threads`.
-    Training has no other per-run randomness (no dropout, fixed batches), so this is the spread two runs of
-    the same order can show."""
+    """How far the identity order's outcome moves under float noise alone: θ_0 perturbed by one float32 ulp
+    (relative 2^-23, random signs), and the window trained with another thread count. Training has no other
+    per-run randomness (no dropout, fixed batches), so this is the spread two runs of the same order can show.
+    The parameter change is relative to how far the window moves the parameters."""
     T = oracle.params.window.steps
-    base = oracle.retrain(range(T))["eval_ppl"]
-    gen = torch.Generator().manual_seed(seed)
     s = oracle.start
+
+    def outcome(start: TrainState) -> tuple[float, torch.Tensor]:
+        trainer = oracle.retrain_trainer(range(T), start=start)
+        theta = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+        return ppl(eval_losses(trainer, oracle.prepared)[0]), theta
+
+    base_ppl, base = outcome(s)
+    moved = (base - torch.cat([t.reshape(-1) for t in s.theta.values()])).norm()
+    gen = torch.Generator().manual_seed(seed)
     theta = {k: t * (1 + 2.0 ** -23 * (torch.randint(0, 2, t.shape, generator=gen) * 2 - 1)) for k, t in s.theta.items()}
-    rounding = oracle.retrain(range(T), start=TrainState(theta, s.m, s.v, s.adam_step))["eval_ppl"]
+    rounding_ppl, rounding = outcome(TrainState(theta, s.m, s.v, s.adam_step))
     threads = torch.get_num_threads()
     torch.set_num_threads(2 if threads != 2 else 1)
     try:
-        other_threads = oracle.retrain(range(T))["eval_ppl"]
+        threads_ppl, other = outcome(s)
     finally:
         torch.set_num_threads(threads)
-    return {"rounding_perturbation_abs_ppl": abs(rounding - base), "thread_count_abs_ppl": abs(other_threads - base)}
+    return {"rounding_perturbation_abs_ppl": abs(rounding_ppl - base_ppl),
+            "rounding_perturbation_param_rel": float((rounding - base).norm() / moved),
+            "thread_count_abs_ppl": abs(threads_ppl - base_ppl),
+            "thread_count_param_rel": float((other - base).norm() / moved)}

@@ -139,12 +139,13 @@ def estimate(params: config.Params, data_dir: Path, ref_dir: Path, cache_dir: Pa
         loss = est.eval_loss.double().numpy()
         per_order[method] = loss.tolist()
         sec = est.seconds / len(orders)
+        cache_s = 0.0 if method == "naive" else cache_stats["seconds"]
         methods[method] = {
             **accuracy(loss, true_loss, ctx.naive_loss, e.bootstrap, e.holdout_seed),
             "seconds_per_order": sec, "speedup_vs_retrain": retrain_s / sec if sec > 0 else None,
-            "cache_seconds": 0.0 if method == "naive" else cache_stats["seconds"],
+            "cache_seconds": cache_s,
             "cache_bytes": _method_bytes(method, cache_stats["bytes"]),
-            "break_even_orders": (cache_stats["seconds"] / (retrain_s - sec)) if 0 < sec < retrain_s else None,
+            "break_even_orders": (cache_s / (retrain_s - sec)) if cache_s and sec < retrain_s else None,
             "identity_returns_reference": exact_identity,
             "peak_rss_mb_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
