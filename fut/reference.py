@@ -40,9 +40,14 @@ def load_checkpoint(ref_dir: Path, t: int, ref_hash: str) -> TrainState:
 
 def trajectory_key(params: Params, prepared: Prepared, ref_dir: Path) -> str:
     """What results derived from the reference run depend on: its params and its actual stored trajectory
-    (sha256 of θ_T, m_T, v_T), so a change in the training code with the same params invalidates them too."""
-    final = checkpoint_path(ref_dir, params.window.steps)
-    return reference_hash(params, prepared) + "/" + hashlib.sha256(final.read_bytes()).hexdigest()[:16]
+    (sha256 of the values of θ_T, m_T, v_T, not of the file, whose header order may vary), so a change in the
+    training code with the same params invalidates them too."""
+    tensors, _ = load_tensors(checkpoint_path(ref_dir, params.window.steps))
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].numpy().tobytes())
+    return reference_hash(params, prepared) + "/" + digest.hexdigest()[:16]
 
 
 def states_equal(a: TrainState, b: TrainState) -> bool:
