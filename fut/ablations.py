@@ -6,12 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from . import estimators
 from .config import Params
 from .estimators import EstimationContext
-from .pipeline import held_out
+from .pipeline import held_out_truth
 from .storage import read_json
 from .validation import accuracy
 
@@ -21,10 +19,7 @@ SUMMARY = ("spearman", "kendall", "r2_order_effect", "absdiff_ppl", "rel_err", "
 def in_cache_ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: Path,
                        estimates_file: Path) -> dict:
     e = params.estimate
-    truth = read_json(Path(gt_dir) / "results.json")
-    names = held_out(list(truth), e.holdout_seed)
-    orders = [truth[n]["order"] for n in names]
-    true_loss = np.array([truth[n]["eval_loss"] for n in names])
+    _, orders, true_loss = held_out_truth(params, gt_dir)
     ctx = EstimationContext(params, data_dir, ref_dir, cache_dir)
 
     def scored(loss, seconds):

@@ -105,6 +105,13 @@ def held_out(names: list[str], seed: int) -> list[str]:
     return sorted(pool[: (len(pool) + 1) // 2])
 
 
+def held_out_truth(params: config.Params, gt_dir: Path) -> tuple[list[str], list[list[int]], np.ndarray]:
+    """Names, orders and true final eval losses of the held-out ground-truth orders."""
+    truth = read_json(Path(gt_dir) / "results.json")
+    names = held_out(list(truth), params.estimate.holdout_seed)
+    return names, [truth[n]["order"] for n in names], np.array([truth[n]["eval_loss"] for n in names])
+
+
 def _method_bytes(method: str, sizes: dict) -> int:
     if method == "naive":
         return 0
@@ -118,9 +125,7 @@ def estimate(params: config.Params, data_dir: Path, ref_dir: Path, cache_dir: Pa
     """Every configured estimator on the held-out ground-truth orders, against retraining."""
     e = params.estimate
     truth = read_json(Path(gt_dir) / "results.json")
-    names = held_out(list(truth), e.holdout_seed)
-    orders = [truth[n]["order"] for n in names]
-    true_loss = np.array([truth[n]["eval_loss"] for n in names])
+    names, orders, true_loss = held_out_truth(params, gt_dir)
     ctx = EstimationContext(params, data_dir, ref_dir, cache_dir)
     cache_stats = read_json(Path(cache_dir) / "stats.json")
 
