@@ -11,9 +11,8 @@ from .flat import ParamLayout
 class LossFunction:
     """The mean next-token loss of a batch as a function of the flat parameter vector."""
 
-    def __init__(self, model: torch.nn.Module, layout: ParamLayout, autocast=None):
+    def __init__(self, model: torch.nn.Module, layout: ParamLayout):
         self.model, self.layout = model, layout
-        self.autocast = autocast
 
     def loss(self, flat: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         params = self.layout.unflatten(flat)

@@ -98,3 +98,24 @@ def test_groundtruth_stage_metrics(tiny, tmp_path):
                           "thread_count_param_rel"}
     # One ulp at the start stays a rounding-sized change at the end (Adam does not amplify it here).
     assert 0 < noise["rounding_perturbation_param_rel"] < 1e-3
+
+
+def test_trajectory_key_depends_on_values_not_file_bytes(tiny, tmp_path):
+    """Results derived from the trajectory are keyed by its values: re-saving the same θ_T, m_T, v_T (a new
+    file, possibly another header order) keeps the key; changing one value changes it."""
+    import shutil
+
+    params, data_dir, ref_dir, _ = tiny
+    prepared = data.load_prepared(data_dir, params)
+    key = reference.trajectory_key(params, prepared, ref_dir)
+    copy = tmp_path / "reference"
+    shutil.copytree(ref_dir, copy)
+    T = params.window.steps
+    state = reference.load_checkpoint(copy, T, reference.reference_hash(params, prepared))
+    reference.save_checkpoint(copy, T, state, reference.reference_hash(params, prepared))
+    assert reference.trajectory_key(params, prepared, copy) == key
+    name = next(iter(state.theta))
+    state.theta[name] = state.theta[name].clone()
+    state.theta[name].view(-1)[0] += 1e-3
+    reference.save_checkpoint(copy, T, state, reference.reference_hash(params, prepared))
+    assert reference.trajectory_key(params, prepared, copy) != key
