@@ -109,7 +109,8 @@ def _paper_gamma(ctx: EstimationContext, g: torch.Tensor, theta, m, v, step: int
     return adam_direction(m1, v1, step + 1, ctx.hp) + ctx.hp.weight_decay * theta
 
 
-def replay_paper(ctx: EstimationContext, sigma: torch.Tensor, second_order: bool, steps: int) -> torch.Tensor:
+def replay_paper(ctx: EstimationContext, sigma: torch.Tensor, second_order: bool, steps: int,
+                 on_step=None) -> torch.Tensor:
     """FUT / FUT++ with the reference Adam state and finite-difference Taylor terms; returns δ_steps [n, d]."""
     delta = torch.zeros(sigma.shape[0], ctx.layout.dim)
     d1_prev = None
@@ -128,10 +129,13 @@ def replay_paper(ctx: EstimationContext, sigma: torch.Tensor, second_order: bool
             est = est + 0.5 * _safe_div(d1 - d1_prev, dtheta) * delta * delta
         d1_prev = d1
         delta = delta - ctx.lrs[t] * (est - ref)
+        if on_step is not None:
+            on_step(t + 1, delta)
     return delta
 
 
-def replay_state(ctx: EstimationContext, sigma: torch.Tensor, curvature: str, steps: int) -> torch.Tensor:
+def replay_state(ctx: EstimationContext, sigma: torch.Tensor, curvature: str, steps: int,
+                 on_step=None) -> torch.Tensor:
     """fut-state: the order's own Adam moments on linearised gradients; returns δ_steps [n, d]."""
     n = sigma.shape[0]
     _, m0, v0, _ = ctx.flat_state(0)
@@ -156,6 +160,8 @@ def replay_state(ctx: EstimationContext, sigma: torch.Tensor, curvature: str, st
         m, v = adam_moments(_clip(g, ctx.hp), m, v, ctx.hp)
         est = adam_direction(m, v, step + 1, ctx.hp) + ctx.hp.weight_decay * (theta + delta)
         delta = delta - ctx.lrs[t] * (est - ref)
+        if on_step is not None:
+            on_step(t + 1, delta)
     return delta
 
 
@@ -178,11 +184,12 @@ def tracin(ctx: EstimationContext, sigma: torch.Tensor, projected: bool, k: int 
     return ctx.naive_loss + total.float()
 
 
-def deviation(ctx: EstimationContext, sigma: torch.Tensor, method: str, steps: int) -> torch.Tensor:
+def deviation(ctx: EstimationContext, sigma: torch.Tensor, method: str, steps: int, on_step=None) -> torch.Tensor:
+    """δ after `steps` steps [n, d]; `on_step(t, δ_t)` sees every step on the way."""
     if method in ("fut", "fut++"):
-        return replay_paper(ctx, sigma, second_order=method == "fut++", steps=steps)
+        return replay_paper(ctx, sigma, second_order=method == "fut++", steps=steps, on_step=on_step)
     if method.startswith("fut-state:"):
-        return replay_state(ctx, sigma, curvature=method.split(":")[1], steps=steps)
+        return replay_state(ctx, sigma, curvature=method.split(":")[1], steps=steps, on_step=on_step)
     raise ValueError(f"method {method!r} does not estimate parameters")
 
 
@@ -193,13 +200,19 @@ def readout(ctx: EstimationContext, delta: torch.Tensor, kind: str) -> torch.Ten
     return torch.tensor([ctx.eval_loss(ctx.theta_T + dl) for dl in delta])
 
 
-def estimate_at_step(ctx: EstimationContext, order: Sequence[int], method: str, step: int) -> float:
-    """Estimated eval loss after `step` window steps of `order` (exact readout at θ_step + δ_step)."""
+def estimate_along_steps(ctx: EstimationContext, order: Sequence[int], method: str,
+                         steps: Sequence[int]) -> dict[int, float]:
+    """Estimated eval loss after each of `steps` window steps of `order` (exact readout at θ_s + δ_s), from
+    one replay."""
     sigma = torch.tensor([validate_order(order, ctx.T, permutation=False)], dtype=torch.long)
-    if step == 0:
-        return ctx.eval_loss(ctx.flat_state(0)[0])
-    delta = deviation(ctx, sigma, method, step)
-    return ctx.eval_loss(ctx.flat_state(step)[0] + delta[0])
+    wanted, out = set(steps), {}
+
+    def read(t: int, delta: torch.Tensor) -> None:
+        if t in wanted:
+            out[t] = ctx.eval_loss(ctx.flat_state(t)[0] + delta[0])
+
+    deviation(ctx, sigma, method, max(steps), on_step=read)
+    return out
 
 
 def estimate(ctx: EstimationContext, orders: Sequence[Sequence[int]], method: str, readout_kind: str = "exact",

@@ -155,31 +155,37 @@ def estimate(params: config.Params, data_dir: Path, ref_dir: Path, cache_dir: Pa
             "peak_rss_mb_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         log.info("%s: %s", method, {k: methods[method][k] for k in ("spearman", "r2_order_effect", "seconds_per_order")})
-    trajectories = estimate_trajectories(ctx, oracle, truth, names[: e.trajectory_orders], e.default)
+    trajectories = estimate_trajectories(ctx, oracle, truth, names[: e.trajectory_orders], e.methods)
+    for method, err in trajectories["error"].items():
+        methods[method].update(err)
     metrics = {"retrain_seconds_per_order": retrain_s, "default_method": e.default, "readout": e.readout,
                "held_out_orders": len(names), "naive_eval_loss": ctx.naive_loss, "methods": methods,
-               "default_trajectory_error": trajectories["error"]}
+               "trajectory_orders": trajectories["orders"]}
     return {"per_order": per_order, "trajectories": trajectories}, metrics
 
 
-def estimate_trajectories(ctx, oracle: Oracle, truth: dict, names: list[str], method: str) -> dict:
-    """Estimated and true eval loss along the steps for a few orders (the paper's trajectory figure), and the
-    parameter error ‖γ_est − γ_true‖ / ‖θ_T − γ_true‖ at the end."""
-    every = ctx.params.groundtruth.eval_every or ctx.T
-    rows, param_err = [], []
+def estimate_trajectories(ctx, oracle: Oracle, truth: dict, names: list[str], methods: list[str]) -> dict:
+    """Estimated and true eval loss along the steps for a few orders (the paper's trajectory figure), and per
+    parameter-space method the mean error along the steps and the parameter error ‖γ_est − γ_true‖ /
+    ‖θ_T − γ_true‖ at the end."""
+    methods = [m for m in methods if m.startswith("fut")]
+    rows, errors = [], {m: {"loss": [], "param": []} for m in methods}
     for name in names:
         order = truth[name]["order"]
         true_curve = dict(zip(truth[name]["trajectory"]["step"], truth[name]["trajectory"]["eval_loss"]))
-        for step in sorted(true_curve):
-            if step % every and step != ctx.T:
-                continue
-            est = estimators.estimate_at_step(ctx, order, method, step)
-            rows.append({"order": name, "step": step, "true_loss": true_curve[step], "est_loss": est})
         gamma_true = ctx.layout.flatten(oracle.retrain_trainer(order).state().theta)
-        delta = estimators.estimate(ctx, [order], method).deviation
-        if delta is not None:
-            param_err.append(float((ctx.theta_T + delta[0] - gamma_true).norm() / (ctx.theta_T - gamma_true).norm()))
-    err = [abs(r["est_loss"] - r["true_loss"]) for r in rows]
-    return {"rows": rows, "error": {"mean_abs_loss_error_along_steps": statistics.fmean(err) if err else None,
-                                    "param_error": statistics.fmean(param_err) if param_err else None,
-                                    "method": method, "orders": names}}
+        for method in methods:
+            est = estimators.estimate_along_steps(ctx, order, method, sorted(true_curve))
+            for step, true_loss in sorted(true_curve.items()):
+                rows.append({"method": method, "order": name, "step": step, "true_loss": true_loss,
+                             "est_loss": est[step]})
+                errors[method]["loss"].append(abs(est[step] - true_loss))
+            delta = estimators.estimate(ctx, [order], method).deviation[0]
+            errors[method]["param"].append(
+                float((ctx.theta_T + delta - gamma_true).norm() / (ctx.theta_T - gamma_true).norm()))
+    def mean(xs):   # a diverged method (non-finite estimates) has no error to report: null, never NaN
+        return statistics.fmean(xs) if xs and all(np.isfinite(xs)) else None
+
+    summary = {m: {"mean_abs_loss_error_along_steps": mean(e["loss"]), "param_error": mean(e["param"])}
+               for m, e in errors.items()}
+    return {"rows": rows, "error": summary, "orders": names}

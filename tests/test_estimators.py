@@ -112,3 +112,12 @@ def test_cache_resumes_and_refuses_foreign_or_broken_shards(tiny, tmp_path, para
     shard_path(tmp_path, 2).unlink()
     with pytest.raises(FileNotFoundError, match="cache is incomplete"):
         UpdateCache(params, prepared, ref_dir, tmp_path)
+
+
+def test_estimates_along_the_steps_end_at_the_final_estimate(ctx):
+    from fut.estimators import estimate_along_steps
+
+    order = list(reversed(range(ctx.T)))
+    along = estimate_along_steps(ctx, order, "fut-state:secant", [2, ctx.T])
+    assert set(along) == {2, ctx.T}
+    assert along[ctx.T] == float(estimate(ctx, [order], "fut-state:secant").eval_loss[0])
