@@ -19,7 +19,7 @@ SUMMARY = ("spearman", "kendall", "r2_order_effect", "absdiff_ppl", "rel_err", "
 def in_cache_ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: Path,
                        estimates_file: Path) -> dict:
     e = params.estimate
-    _, orders, true_loss = held_out_truth(params, gt_dir)
+    _, _, orders, true_loss = held_out_truth(params, gt_dir)
     ctx = EstimationContext(params, data_dir, ref_dir, cache_dir)
 
     def scored(loss, seconds):

@@ -136,7 +136,6 @@ class UpdateCache:
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: the cache is incomplete; run the cache stage (dvc repro cache)")
             check_metadata(path, read_metadata(path), {**expected, "t": t})
-        self.meta = read_metadata(shard_path(self.cache_dir, 0))
 
     def tensor(self, t: int, name: str) -> torch.Tensor:
         with safe_open(str(shard_path(self.cache_dir, t)), framework="pt") as fh:

@@ -35,6 +35,7 @@ from .device import configure_threads
 from .flat import ParamLayout
 from .model import build_model
 from .orders import validate_order
+from .projection import prefix
 from .reference import load_checkpoint, reference_hash
 from .training import window_lrs
 
@@ -173,7 +174,7 @@ def tracin(ctx: EstimationContext, sigma: torch.Tensor, projected: bool, k: int 
             gam = ctx.cache.tensor(t, "proj_gamma")
             e = ctx.cache.tensor(t + 1, "proj_eval_grad")
             if k is not None:
-                gam, e = gam[:, :k] * (gam.shape[1] / k) ** 0.5, e[:k] * (e.shape[0] / k) ** 0.5
+                gam, e = prefix(gam, k), prefix(e, k)
         else:
             theta, m, v, step = ctx.flat_state(t)
             grads = ctx.grads(t)

@@ -105,11 +105,11 @@ def held_out(names: list[str], seed: int) -> list[str]:
     return sorted(pool[: (len(pool) + 1) // 2])
 
 
-def held_out_truth(params: config.Params, gt_dir: Path) -> tuple[list[str], list[list[int]], np.ndarray]:
-    """Names, orders and true final eval losses of the held-out ground-truth orders."""
+def held_out_truth(params: config.Params, gt_dir: Path) -> tuple[dict, list[str], list[list[int]], np.ndarray]:
+    """All ground-truth results, and the names, orders and true final eval losses of the held-out ones."""
     truth = read_json(Path(gt_dir) / "results.json")
     names = held_out(list(truth), params.estimate.holdout_seed)
-    return names, [truth[n]["order"] for n in names], np.array([truth[n]["eval_loss"] for n in names])
+    return truth, names, [truth[n]["order"] for n in names], np.array([truth[n]["eval_loss"] for n in names])
 
 
 def _method_bytes(method: str, sizes: dict) -> int:
@@ -124,8 +124,7 @@ def _method_bytes(method: str, sizes: dict) -> int:
 def estimate(params: config.Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: Path) -> tuple[dict, dict]:
     """Every configured estimator on the held-out ground-truth orders, against retraining."""
     e = params.estimate
-    truth = read_json(Path(gt_dir) / "results.json")
-    names, orders, true_loss = held_out_truth(params, gt_dir)
+    truth, names, orders, true_loss = held_out_truth(params, gt_dir)
     ctx = EstimationContext(params, data_dir, ref_dir, cache_dir)
     cache_stats = read_json(Path(cache_dir) / "stats.json")
 

@@ -26,6 +26,15 @@ def _generator(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF)
 
 
+def prefix(z: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-dim projection (same seed) from a stored projection z of a larger size: its first k columns,
+    rescaled by sqrt(stored k / k) for the 1/sqrt(k) normalisation."""
+    stored = z.shape[-1]
+    if not 1 <= k <= stored:
+        raise ValueError(f"prefix size {k} must be in 1..{stored} (the stored projection size)")
+    return z[..., :k] * math.sqrt(stored / k)
+
+
 class Projector(ABC):
     kind: str
 
@@ -45,12 +54,6 @@ class Projector(ABC):
             raise ValueError(f"projector built for d = {self.dim}, got vectors of length {x.shape[1]}")
         z = self._raw(x.float()) / math.sqrt(self.k)
         return z[0] if squeeze else z
-
-    def prefix(self, z: torch.Tensor, k: int) -> torch.Tensor:
-        """The k-dim projection (same seed) from a stored projection of size self.k >= k."""
-        if not 1 <= k <= self.k:
-            raise ValueError(f"prefix size {k} must be in 1..{self.k}")
-        return z[..., :k] * math.sqrt(self.k / k)
 
     def metadata(self) -> dict:
         return {"kind": self.kind, "dim": self.dim, "k": self.k, "seed": self.seed, "normalisation": "1/sqrt(k)"}

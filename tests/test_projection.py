@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fut.projection import make_projector
+from fut.projection import make_projector, prefix
 
 D = 5000
 KINDS = ["sparse", "gaussian"]
@@ -51,7 +51,7 @@ def test_smaller_k_is_a_rescaled_prefix_of_larger_k(kind):
     x = _vectors(2)
     big = make_projector(kind, D, 512, seed=5)
     small = make_projector(kind, D, 128, seed=5)
-    torch.testing.assert_close(big.prefix(big.project(x), 128), small.project(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prefix(big.project(x), 128), small.project(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -68,5 +68,7 @@ def test_bad_sizes_are_refused():
         make_projector("sparse", D, 0, 0)
     with pytest.raises(ValueError, match="not one of"):
         make_projector("dense", D, 8, 0)
+    with pytest.raises(ValueError, match=r"prefix size 9 must be in 1\.\.8"):
+        prefix(torch.zeros(2, 8), 9)
     with pytest.raises(ValueError, match="built for d = 5000"):
         make_projector("sparse", D, 8, 0).project(torch.zeros(10))
