@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--orders", type=int, default=8, help="ground-truth orders timed per method")
     ap.add_argument("--methods", nargs="+", default=["fut", "tracin", "fut-state:none", "fut-state:secant",
-                                                     "fut-state:eig", "fut-state:hvp"])
+                                                     "fut-state:eig", "fut-state:eig-mixed", "fut-state:hvp"])
     ap.add_argument("--out", default="benchmarks/results/estimator_speed.json")
     args = ap.parse_args()
     params = config.load(args.params)
@@ -58,7 +58,7 @@ def main() -> None:
     step_s = timed(lambda: trainer.step(window[0]), 5)
     builder = CacheBuilder(params, prepared, ref_dir, Path(tempfile.mkdtemp()))
     t0 = time.perf_counter()
-    builder.build_shard(1, None)
+    builder.build_shard(1, {})
     shard_s = time.perf_counter() - t0
     cost = read_json(Path("data/cache/stats.json"))
     cache = {"train_step_seconds": step_s, "limit_pairs_per_second": 1 / step_s,
@@ -84,7 +84,7 @@ def main() -> None:
 
     # Replay step vs training step as tokens per batch grow (replay cost is independent of the batch).
     replay_step_s = next(r["seconds_per_order"] for r in rows
-                         if r["method"] == "fut-state:secant" and r["readout"] == "linear") / params.window.steps
+                         if r["method"] == params.estimate.default and r["readout"] == "linear") / params.window.steps
     scaling = []
     for b in (8, 32, 128):
         batch = torch.cat([window[j % window.shape[0]] for j in range(b // window.shape[1] + 1)])[:b]

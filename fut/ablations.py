@@ -1,9 +1,10 @@
-"""Ablations that one cache answers without retraining: projection size k (prefixes of the stored projection),
-the readout (exact vs linear) of the default method, and the curvature choice of `fut-state` (from the
-estimate stage's table). Knobs that change the reference run (batch size, T, lr, warm start) need the whole
-pipeline per value: queue them as DVC experiments (`dvc exp run -S ...`)."""
+"""The ablation table. Answered by one cache without retraining: projection size k (prefixes of the stored
+projection), the readout (exact vs linear) of the default method, and the curvature choice of `fut-state` (from
+the estimate stage's table). Knobs that change the reference run (batch size, T, lr, warm start) need one
+whole run per value: `python -m fut sweep` (fut/sweep.py) writes them to reports/sweeps/, tabulated here."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from . import estimators
@@ -11,13 +12,16 @@ from .config import Params
 from .estimators import EstimationContext
 from .pipeline import held_out_truth
 from .storage import read_json
+from .sweep import collect
 from .validation import accuracy
+
+log = logging.getLogger(__name__)
 
 SUMMARY = ("spearman", "kendall", "r2_order_effect", "absdiff_ppl", "rel_err", "n_non_finite")
 
 
-def in_cache_ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: Path,
-                       estimates_file: Path) -> dict:
+def ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: Path,
+              estimates_file: Path, sweeps_dir: Path) -> dict:
     e = params.estimate
     _, _, orders, true_loss = held_out_truth(params, gt_dir)
     ctx = EstimationContext(params, data_dir, ref_dir, cache_dir)
@@ -42,7 +46,22 @@ def in_cache_ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir:
     methods = read_json(estimates_file)["methods"]
     curvature = {m.split(":")[1]: {k: methods[m][k] for k in (*SUMMARY, "seconds_per_order")}
                  for m in methods if m.startswith("fut-state:")}
-    return {"held_out_orders": len(orders),
-            "projection_k": {"method": "tracin", "values": projection_k},
-            "readout": {"method": e.default, "values": readout},
-            "curvature": {"method": "fut-state", "values": curvature}}
+    table = {"held_out_orders": len(orders),
+             "projection_k": {"method": "tracin", "values": projection_k},
+             "readout": {"method": e.default, "values": readout},
+             "curvature": {"method": "fut-state", "values": curvature}}
+    sweep, stale = collect(params, sweeps_dir)
+    if stale:
+        log.warning("sweep points computed with other params, left out (rerun: python -m fut sweep --only %s)",
+                    " ".join(stale))
+    table["sweep_stale_points"] = stale
+    for knob, entry in sweep.items():
+        table[knob] = {"param": entry["param"], "values": {value: _sweep_row(r) for value, r in entry["values"].items()}}
+    return table
+
+
+def _sweep_row(r: dict) -> dict:
+    keep = ("window_steps", "batch_size", "lr", "warmstart", "orders_scored", "true_ppl_std", "random_ppl_std",
+            "retrain_seconds_per_order", "cache_seconds", "eval_ppl_end")
+    return {**{k: r[k] for k in keep}, "methods": {m: {k: v[k] for k in (*SUMMARY, "seconds_per_order")}
+                                                   for m, v in r["methods"].items()}}

@@ -2,9 +2,14 @@
 
   python -m fut retrain  --orders FILE [--params params.yaml]
   python -m fut estimate --orders FILE [--method NAME] [--params params.yaml]
+  python -m fut sweep [--jobs N] [--only POINT ...] [--params params.yaml]
+  python -m fut reliability [--out reports/metrics/reliability.json] [--params params.yaml]
 
 FILE holds one order per line, comma-separated batch indices. Both print a JSON list, one object per order:
-{"order": [...], "eval_loss": x, "eval_ppl": y} (plus "method" for estimate).
+{"order": [...], "eval_loss": x, "eval_ppl": y} (plus "method" for estimate). `sweep` runs the ablations
+that need their own reference run (params `sweep`; see fut/sweep.py) and writes reports/sweeps/POINT.json.
+`reliability` runs the fault, bad-input and determinism scenarios of fut/reliability.py on tiny params (a few
+minutes) and writes their counts and outcomes.
 """
 from __future__ import annotations
 
@@ -32,8 +37,24 @@ def main(argv: list[str] | None = None) -> int:
         if name == "estimate":
             p.add_argument("--method", default=None, choices=METHODS, help="default: estimate.default in params")
             p.add_argument("--cache", default=Path("data/cache"), type=Path)
+    p = sub.add_parser("sweep", help="one whole run per value of each sweep knob (params `sweep`)")
+    p.add_argument("--params", default=Path("params.yaml"), type=Path)
+    p.add_argument("--corpus", default=Path("data/prepared/corpus"), type=Path,
+                   help="the default run's corpus text, one DOMAIN.txt per domain")
+    p.add_argument("--work", default=Path("data/sweeps"), type=Path, help="scratch folder of the running points")
+    p.add_argument("--out", default=Path("reports/sweeps"), type=Path)
+    p.add_argument("--jobs", type=int, default=None, help="points in parallel (default: sweep.jobs)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these points, e.g. default steps=12")
+    p = sub.add_parser("reliability", help="kill, corruption, NaN, bad-input and rerun scenarios on tiny params")
+    p.add_argument("--params", default=Path("params.yaml"), type=Path, help="the defaults the tiny params shrink")
+    p.add_argument("--out", default=Path("reports/metrics/reliability.json"), type=Path)
+    p.add_argument("--work", default=None, type=Path, help="scratch folder (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.command == "sweep":
+        return _sweep(args)
+    if args.command == "reliability":
+        return _reliability(args)
     try:
         params = config.load(args.params)
         if not args.orders.is_file():
@@ -59,3 +80,37 @@ def main(argv: list[str] | None = None) -> int:
     json.dump(out, sys.stdout)
     print()
     return 0
+
+
+def _sweep(args) -> int:
+    from .sweep import run_sweep
+
+    try:
+        params = config.load(args.params)
+        if not args.corpus.is_dir():
+            raise ValueError(f"--corpus {str(args.corpus)!r}: no such folder; run the prepare stage first "
+                             "(dvc repro prepare)")
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError(f"--jobs {args.jobs}: expected an int >= 1")
+        run_sweep(params, args.corpus, args.work, args.out, args.jobs, args.only)
+    except (config.ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _reliability(args) -> int:
+    import tempfile
+
+    from .reliability import run_all
+    from .storage import atomic_write_json
+
+    with tempfile.TemporaryDirectory(prefix="fut-reliability-") as tmp:
+        result = run_all(args.params, args.work or Path(tmp))
+    atomic_write_json(args.out, result)
+    print(f"{args.out}: {result['fault_scenarios_passed']}/{result['fault_scenarios_tested']} fault scenarios passed, "
+          f"{result['bad_inputs_refused']}/{result['bad_inputs_tested']} bad inputs refused, deterministic rerun: "
+          f"{result['deterministic_rerun']}")
+    ok = (result["fault_scenarios_passed"] == result["fault_scenarios_tested"]
+          and result["bad_inputs_refused"] == result["bad_inputs_tested"] and result["deterministic_rerun"])
+    return 0 if ok else 1

@@ -198,15 +198,18 @@ class GroundtruthConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     """Stage 2: per checkpoint t and window batch j, g(θ_t, B_j) in full space, Γ_{t,j} (reference state)
-    projected, the eval gradient, and the top Hessian eigenspace of a mixed batch."""
+    projected, the eval gradient, and top Hessian eigenspaces of curvature batches."""
     projection: Literal["sparse", "gaussian"] = "sparse"
     k: int = 4096
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # of the full-space gradients
     curvature_rank: int = 16
     curvature_iterations: int = 24
-    curvature_batch: int = 8        # sequences in the mixed curvature batch, spread over the window batches
-    curvature_stride: int = 1       # eigenspace at every s-th checkpoint (the nearest earlier one is used)
+    curvature_batch: int = 8        # sequences per curvature batch, spread over the window batches it stands for
+    curvature_stride: int = 4       # eigenspaces at every s-th checkpoint (the nearest earlier one is used)
+    # Which eigenspaces to cache: `domain`, one per domain of the window batches (for `fut-state:eig`), and/or
+    # `window`, one for a batch mixed from the whole window (for `fut-state:eig-mixed`).
+    curvature: list[Literal["domain", "window"]] = field(default_factory=lambda: ["domain", "window"])
 
     def validate(self, key: str) -> None:
         _check(self.k >= 1, f"{key}.k", self.k, "an int >= 1")
@@ -215,16 +218,20 @@ class CacheConfig:
                self.curvature_iterations, f"an int >= cache.curvature_rank ({self.curvature_rank})")
         _check(self.curvature_batch >= 1, f"{key}.curvature_batch", self.curvature_batch, "an int >= 1")
         _check(self.curvature_stride >= 1, f"{key}.curvature_stride", self.curvature_stride, "an int >= 1")
+        _check(len(set(self.curvature)) == len(self.curvature), f"{key}.curvature", self.curvature,
+               "a list of distinct kinds from [domain, window]")
 
 
 METHODS = ("naive", "fut", "fut++", "tracin", "tracin:full", "fut-state:none", "fut-state:secant",
-           "fut-state:eig", "fut-state:hvp")
+           "fut-state:eig", "fut-state:eig-mixed", "fut-state:hvp", "fut-state:hvp-domain", "fut-state:hvp-mixed")
+# The cached eigenspaces each curvature needs (cache.curvature).
+EIGENSPACES = {"fut-state:eig": "domain", "fut-state:eig-mixed": "window"}
 
 
 @dataclass(frozen=True)
 class EstimateConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    default: str = "fut-state:secant"
+    default: str = "fut-state:eig"
     readout: Literal["exact", "linear"] = "exact"
     k: Optional[int] = None          # projection prefix used by projected methods (null: cache.k)
     holdout_seed: int = 0            # which half of the ground-truth orders is held out from any tuning
@@ -237,6 +244,106 @@ class EstimateConfig:
         _check(self.default in self.methods, f"{key}.default", self.default, f"one of {key}.methods")
         _check(self.k is None or self.k >= 1, f"{key}.k", self.k, "null or an int >= 1")
         _check(self.bootstrap >= 10, f"{key}.bootstrap", self.bootstrap, "an int >= 10")
+
+
+# The sweep's knobs and the params.yaml keys they set.
+SWEEP_KNOBS = {"batch_size": ("window", "batch_size"), "steps": ("window", "steps"), "lr": ("window", "lr"),
+               "warmstart": ("warmstart", "enabled")}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Ablations of knobs that change the reference run itself (`python -m fut sweep`): each listed value is one
+    self-contained run (prepare → reference → ground truth → cache → estimates) with every other param as in
+    this file, on the default run's corpus text, with a smaller ground truth."""
+    batch_size: list[int] = field(default_factory=lambda: [4, 16])     # window.batch_size
+    steps: list[int] = field(default_factory=lambda: [12, 36])         # window.steps (T)
+    lr: list[float] = field(default_factory=lambda: [3e-5, 3e-4])      # window.lr
+    warmstart: list[bool] = field(default_factory=lambda: [False])     # warmstart.enabled
+    n_random: int = 12
+    structured: list[Literal["reversed", "domain_blocks", "easy_to_hard", "hard_to_easy"]] = field(
+        default_factory=lambda: ["reversed", "easy_to_hard", "hard_to_easy"])
+    methods: list[str] = field(default_factory=lambda: ["naive", "fut", "fut-state:secant", "fut-state:eig"])
+    jobs: int = 2                    # points run in parallel, one process each
+
+    def validate(self, key: str) -> None:
+        for i, b in enumerate(self.batch_size):
+            _check(b >= 1, f"{key}.batch_size[{i}]", b, "an int >= 1")
+        for i, t in enumerate(self.steps):
+            _check(t >= 2, f"{key}.steps[{i}]", t, "an int >= 2")
+        for i, lr in enumerate(self.lr):
+            _check(lr > 0, f"{key}.lr[{i}]", lr, "a float > 0")
+        _check(self.n_random >= 2, f"{key}.n_random", self.n_random, "an int >= 2")
+        for i, m in enumerate(self.methods):
+            _check(m in METHODS, f"{key}.methods[{i}]", m, "one of " + ", ".join(METHODS))
+        _check(self.jobs >= 1, f"{key}.jobs", self.jobs, "an int >= 1")
+
+
+# Methods with a readout beyond the eval loss: they estimate the final parameters (naive: the reference's).
+READOUT_METHODS = tuple(m for m in METHODS if not m.startswith("tracin"))
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    """Curriculum search with estimate.default as the fitness, seeded with the heuristic proposals: each
+    search proposes `population - elite` new orders per generation, all estimated in one call; the
+    `verify_top` best of each search are retrained."""
+    searches: list[Literal["genetic", "assignment"]] = field(default_factory=lambda: ["genetic", "assignment"])
+    population: int = 8
+    generations: int = 6
+    elite: int = 2
+    mutation: float = 0.5            # probability of a swap after crossover (genetic)
+    verify_top: int = 2
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(len(self.searches) >= 1 and len(set(self.searches)) == len(self.searches), f"{key}.searches",
+               self.searches, "a non-empty list of distinct searches from [genetic, assignment]")
+        _check(self.population >= 2, f"{key}.population", self.population, "an int >= 2")
+        _check(self.generations >= 1, f"{key}.generations", self.generations, "an int >= 1")
+        _check(0 <= self.elite < self.population, f"{key}.elite", self.elite,
+               f"an int in [0, {key}.population) ({self.population})")
+        _check(0.0 <= self.mutation <= 1.0, f"{key}.mutation", self.mutation, "a float in [0, 1]")
+        _check(self.verify_top >= 1, f"{key}.verify_top", self.verify_top, "an int >= 1")
+
+
+@dataclass(frozen=True)
+class MemorizationConfig:
+    """M[i, j]: loss on batch B_i with B_i at position j, the others in the order of the ground-truth order
+    `base_order`. estimate.default fills the grid (`batches` x `positions`, null: all T); the truth and
+    `methods` take its batches at `true_positions` of its positions (both ends included)."""
+    base_order: str = "random-000"
+    batches: Optional[int] = 6
+    positions: Optional[int] = 6
+    true_positions: int = 3
+    methods: list[str] = field(default_factory=lambda: ["fut", "fut++"])
+    similar_fraction: float = 0.25   # eval sequences most / least similar to B_i (TF-IDF cosine)
+
+    def validate(self, key: str) -> None:
+        _check(self.batches is None or self.batches >= 1, f"{key}.batches", self.batches, "null or an int >= 1")
+        _check(self.positions is None or self.positions >= 2, f"{key}.positions", self.positions,
+               "null or an int >= 2")
+        _check(self.true_positions >= 2 and (self.positions is None or self.true_positions <= self.positions),
+               f"{key}.true_positions", self.true_positions,
+               f"an int >= 2 and <= {key}.positions ({self.positions}): an effect needs two positions")
+        for i, m in enumerate(self.methods):
+            _check(m in READOUT_METHODS, f"{key}.methods[{i}]", m,
+                   "a method that estimates parameters: one of " + ", ".join(READOUT_METHODS))
+        _check(0.0 < self.similar_fraction <= 0.5, f"{key}.similar_fraction", self.similar_fraction,
+               "a float in (0, 0.5]")
+
+
+@dataclass(frozen=True)
+class DomainOrderConfig:
+    """Every ordering of the domains as blocks (a seeded sample of `max_orders` when there are more),
+    estimated; the truth of the `verify` best and worst by estimate is reported."""
+    max_orders: int = 24
+    verify: int = 3
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(self.max_orders >= 2, f"{key}.max_orders", self.max_orders, "an int >= 2")
+        _check(self.verify >= 1, f"{key}.verify", self.verify, "an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -252,6 +359,17 @@ class Params:
     groundtruth: GroundtruthConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
+    domain_order: DomainOrderConfig = field(default_factory=DomainOrderConfig)
+
+    def validate(self, key: str) -> None:
+        for i, m in enumerate(self.estimate.methods):
+            kind = EIGENSPACES.get(m)
+            _check(kind is None or kind in self.cache.curvature, f"estimate.methods[{i}]", m,
+                   f"a method whose eigenspaces the cache holds (cache.curvature = {self.cache.curvature}; "
+                   f"{m} needs {kind!r})")
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the named sections: the provenance key of an artefact built from them."""

@@ -103,20 +103,20 @@ def domain_text(src: SourceConfig, max_chars: int, seed: int) -> str:
 
 
 def write_domains(cfg: CorpusConfig, out_dir: Path, seed: int) -> dict[str, Path]:
-    """Write one text file per available domain; skip optional sources that are missing, loudly."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
+    """Write one text file per available domain; skip optional sources that are missing, loudly. Every source
+    is read before anything is written, so a refused corpus leaves no files behind."""
+    texts: dict[str, str] = {}
     for name, src in cfg.sources.items():
         try:
-            text = domain_text(src, cfg.max_chars_per_domain, seed)
+            texts[name] = domain_text(src, cfg.max_chars_per_domain, seed)
         except SourceUnavailable as err:
             if not src.optional:
                 raise SourceUnavailable(f"corpus.sources.{name}: {err}") from err
             log.warning("corpus.sources.%s is optional and unavailable, continuing without it: %s", name, err)
-            continue
-        path = out_dir / f"{name}.txt"
-        atomic_write_text(path, text)
-        written[name] = path
-    if not written:
+    if not texts:
         raise SourceUnavailable("corpus.sources: no domain is available on this machine")
+    written: dict[str, Path] = {}
+    for name, text in texts.items():
+        written[name] = Path(out_dir) / f"{name}.txt"
+        atomic_write_text(written[name], text)
     return written

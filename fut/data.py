@@ -118,6 +118,7 @@ class Prepared:
     vocab_size: int
     eos_id: int
     prepare_hash: str
+    tokenizer_sha256: str
 
     @property
     def eval_mixed(self) -> torch.Tensor:
@@ -139,4 +140,4 @@ def load_prepared(data_dir: Path, params: Params) -> Prepared:
     return Prepared(window=tensors["window"], warmstart=tensors["warmstart"],
                     eval_sets={d: tensors[f"eval.{d}"] for d in domains}, domains=domains,
                     window_domains=meta["window_domains"], vocab_size=meta["vocab_size"], eos_id=meta["eos_id"],
-                    prepare_hash=meta["prepare_hash"])
+                    prepare_hash=meta["prepare_hash"], tokenizer_sha256=meta["tokenizer_sha256"])

@@ -23,6 +23,14 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return device
 
 
+def describe_device(device: torch.device) -> str:
+    """The device as recorded in metrics: `cpu`, or `cuda:<i> (<name>)`."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def configure_threads(cfg: TrainConfig) -> None:
     """Fixed thread count: CPU matmul reductions depend on it, and retrains must match the reference bitwise."""
     torch.set_num_threads(cfg.threads)

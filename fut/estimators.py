@@ -11,7 +11,9 @@ never drowns in the rounding of θ.
   consecutive reference checkpoints.
 - `fut-state:<curvature>` (ours): Adam replayed with the order's own m, v on the linearised gradient
   g(θ_t, B_σ(t)) + C_t δ_t, C_t = 0 (`none`), the paper's secant diagonal with a positive-part guard (`secant`),
-  the cached top eigenspace of a mixed-batch Hessian (`eig`), or the exact Hessian of B_σ(t) (`hvp`).
+  the cached top eigenspace of the Hessian of a batch of B_σ(t)'s domain (`eig`) or of a batch mixed from
+  the whole window (`eig-mixed`), or the exact Hessian of B_σ(t) (`hvp`) or of the batch that `eig` / `eig-mixed`
+  take eigenspaces of (`hvp-domain` / `hvp-mixed`: accuracy references, a curvature product per step).
 - `tracin`: first-order influence along the reference path, ΔL = Σ_t ⟨∇L_E(θ_{t+1}), −η_t(Γ_{t,σ(t)} − Γ_{t,t})⟩,
   in projected space (`tracin`) or full space (`tracin:full`).
 - `naive`: the order does not matter; L_E(θ_T).
@@ -19,6 +21,7 @@ Readouts: `exact` evaluates the eval loss at γ_T = θ_T + δ_T; `linear` is L_E
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from typing import Sequence
 import torch
 
 from .adam import AdamHyper, adam_direction, adam_moments, clip_scale
-from .cache import UpdateCache
+from .cache import UpdateCache, batch_group, curvature_batches
 from .config import METHODS, Params
 from .curvature import LossFunction
 from .data import Prepared, load_prepared
@@ -39,6 +42,8 @@ from .projection import prefix
 from .reference import load_checkpoint, reference_hash
 from .training import window_lrs
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Estimate:
@@ -46,6 +51,9 @@ class Estimate:
     eval_loss: torch.Tensor            # [n_orders]
     deviation: torch.Tensor | None     # δ_T [n_orders, d] for parameter-space methods
     seconds: float
+    # Per order, the first window step t whose δ_t (or, as step T, the readout) held NaN or inf; None: finite.
+    # A diverged estimate is reported as such (nulls in the metrics), never propagated as a number.
+    non_finite_step: list[int | None]
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -92,6 +100,10 @@ class EstimationContext:
             self._grads = {k: v for k, v in self._grads.items() if k == t - 1}
             self._grads[t] = self.cache.grads(t)
         return self._grads[t]
+
+    def curvature_batches(self) -> dict[str, torch.Tensor]:
+        """The batches whose Hessians the cache's eigenspaces are of, by group (all kinds)."""
+        return curvature_batches(self.prepared, self.params.cache.curvature_batch, ["domain", "window"])
 
     @torch.no_grad()
     def eval_loss(self, flat: torch.Tensor) -> float:
@@ -147,17 +159,30 @@ def replay_state(ctx: EstimationContext, sigma: torch.Tensor, curvature: str, st
         grads = ctx.grads(t)
         ref = _paper_gamma(ctx, grads[t], theta, m_ref, v_ref, step)
         g = grads[sigma[:, t]]
-        if curvature == "eig":
-            vals, vecs = ctx.cache.eigen(t)
+        if curvature == "eig-mixed":
+            vals, vecs = ctx.cache.eigen(t, "window")
             g = g + ((delta @ vecs.t()) * vals) @ vecs
+        elif curvature == "eig":
+            g = g.clone()
+            groups = [batch_group(ctx.prepared, j) for j in sigma[:, t].tolist()]
+            for group in sorted(set(groups)):
+                rows = torch.tensor([i for i, x in enumerate(groups) if x == group])
+                vals, vecs = ctx.cache.eigen(t, group)
+                g[rows] += ((delta[rows] @ vecs.t()) * vals) @ vecs
         elif curvature == "secant":
             dtheta = ctx.flat_state(t + 1)[0] - theta
             g = g + _safe_div(ctx.grads(t + 1)[sigma[:, t]] - g, dtheta).clamp_min(0) * delta
-        elif curvature == "hvp":
+        elif curvature.startswith("hvp"):
+            # Exact Hessian of the batch itself (`hvp`), or of the curvature batch the cache's eigenspaces
+            # are computed from (`hvp-domain`, `hvp-mixed`): references that separate which batch's curvature
+            # is used from the eigenspace's truncation.
             g = g.clone()
+            batches = ctx.curvature_batches()
             for j in sigma[:, t].unique().tolist():
                 rows = (sigma[:, t] == j).nonzero().flatten()
-                g[rows] += ctx.loss.hvp(theta, ctx.prepared.window[j], delta[rows])
+                batch = {"hvp": ctx.prepared.window[j], "hvp-domain": batches.get(batch_group(ctx.prepared, j)),
+                         "hvp-mixed": batches.get("window")}[curvature]
+                g[rows] += ctx.loss.hvp(theta, batch, delta[rows])
         m, v = adam_moments(_clip(g, ctx.hp), m, v, ctx.hp)
         est = adam_direction(m, v, step + 1, ctx.hp) + ctx.hp.weight_decay * (theta + delta)
         delta = delta - ctx.lrs[t] * (est - ref)
@@ -223,17 +248,36 @@ def estimate(ctx: EstimationContext, orders: Sequence[Sequence[int]], method: st
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
     sigma = torch.tensor([validate_order(o, ctx.T, permutation=False) for o in orders], dtype=torch.long)
     start = time.perf_counter()
-    losses, deviations = [], []
+    losses, deviations, bad_step = [], [], [None] * len(sigma)
     for c in range(0, len(sigma), chunk):
         s = sigma[c: c + chunk]
+
+        def watch(t: int, delta: torch.Tensor) -> None:
+            for i in _non_finite_rows(delta).nonzero().flatten().tolist():
+                if bad_step[c + i] is None:
+                    bad_step[c + i] = t
+
         if method == "naive":
             losses.append(torch.full((len(s),), ctx.naive_loss))
-            continue
-        if method.startswith("tracin"):
+        elif method.startswith("tracin"):
             losses.append(tracin(ctx, s, projected=method == "tracin", k=k))
-            continue
-        delta = deviation(ctx, s, method, ctx.T)
-        losses.append(readout(ctx, delta, readout_kind))
-        deviations.append(delta)
-    return Estimate(method, torch.cat(losses), torch.cat(deviations) if deviations else None,
-                    time.perf_counter() - start)
+        else:
+            delta = deviation(ctx, s, method, ctx.T, on_step=watch)
+            losses.append(readout(ctx, delta, readout_kind))
+            deviations.append(delta)
+        watch(ctx.T, losses[-1][:, None])
+    seconds = time.perf_counter() - start
+    steps = [t for t in bad_step if t is not None]
+    if steps:
+        log.warning("%s: %d of %d orders went non-finite (NaN or inf), the first at window step %d; they are "
+                    "reported as diverged", method, len(steps), len(sigma), min(steps))
+    return Estimate(method, torch.cat(losses), torch.cat(deviations) if deviations else None, seconds, bad_step)
+
+
+def _non_finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Which rows of x [n, d] hold a NaN or inf: a row sum first (cheap), confirmed elementwise where it is not
+    finite, so a sum that merely overflows does not count."""
+    suspect = (~torch.isfinite(x.sum(dim=1))).nonzero().flatten()
+    bad = torch.zeros(len(x), dtype=torch.bool)
+    bad[suspect] = ~torch.isfinite(x[suspect]).all(dim=1)
+    return bad

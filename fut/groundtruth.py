@@ -1,14 +1,21 @@
 """The retraining oracle and the ground-truth stage.
 
 `Oracle.retrain(order)` replays the window from the stored window-start state through `run_window`, the code
-path of the reference run. The ground truth retrains a seeded set of orders in worker processes; each order's
-result is written atomically to its own file with the reference hash, so an interrupted stage resumes with
-the orders still missing and never reads a half-written one.
+path of the reference run. The ground truth retrains a seeded set of orders in worker processes (in its own
+process when one order is left or `groundtruth.workers` is 1); each order's result is written atomically to
+its own file with the reference hash, so an interrupted stage resumes with the orders still missing and never
+reads a half-written one. Workers die with the stage's process (Linux), so a killed stage leaves no retrain
+running.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
+import logging
 import multiprocessing
+import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -18,12 +25,14 @@ from tqdm.auto import tqdm
 
 from .config import Params
 from .data import Prepared, load_prepared
-from .device import configure_threads
+from .device import configure_threads, describe_device, resolve_device
 from .evaluation import eval_losses, ppl, window_batch_losses
 from .orders import validate_order
 from .reference import load_checkpoint, reference_hash, trajectory_key
-from .storage import atomic_write_json, read_json
+from .storage import atomic_write_json, read_json, remove_temporaries
 from .training import Trainer, TrainState, run_window
+
+log = logging.getLogger(__name__)
 
 
 class Oracle:
@@ -36,6 +45,7 @@ class Oracle:
         self.ref_hash = reference_hash(params, self.prepared)
         self.results_key = trajectory_key(params, self.prepared, ref_dir)
         self.start = load_checkpoint(ref_dir, 0, self.ref_hash)
+        self.device = describe_device(resolve_device(params.train))
 
     def retrain_trainer(self, order: Sequence[int], on_step=None, start: TrainState | None = None) -> Trainer:
         order = validate_order(order, self.params.window.steps, permutation=False)
@@ -57,14 +67,27 @@ class Oracle:
         return {"order": list(order), "eval_loss": loss, "eval_ppl": ppl(loss), "domain_eval_loss": per_domain,
                 "batch_losses": window_batch_losses(trainer, self.prepared),
                 "trajectory": {"step": list(curve), "eval_loss": list(curve.values())},
-                "seconds": time.perf_counter() - t0, "reference_hash": self.results_key}
+                "seconds": time.perf_counter() - t0, "reference_hash": self.results_key, "device": self.device,
+                "eval_every": eval_every}
 
 
 _worker: Oracle | None = None
 
 
-def _init_worker(params: Params, data_dir: Path, ref_dir: Path) -> None:
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this worker when its parent (pid `parent`) dies: a killed stage must not leave
+    workers retraining (or holding a GPU) in the background. A parent that died before the request was made
+    (while this worker was still starting) is caught by checking it is still our parent. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _init_worker(params: Params, data_dir: Path, ref_dir: Path, parent: int) -> None:
     global _worker
+    die_with_parent(parent)
     _worker = Oracle(params, data_dir, ref_dir)
 
 
@@ -76,15 +99,17 @@ def result_path(out_dir: Path, name: str) -> Path:
     return Path(out_dir) / f"{name}.json"
 
 
-def is_complete(path: Path, order: list[int], key: str) -> bool:
-    """A stored result counts only if it is for this order and this reference run."""
+def is_complete(path: Path, order: list[int], key: str, expected: dict | None = None) -> bool:
+    """A stored result counts only if it is for this order and this reference run (and has the `expected`
+    values, e.g. the eval_every its curve was read with)."""
     if not path.is_file():
         return False
     try:
         r = read_json(path)
     except ValueError:
         return False
-    return r.get("order") == order and r.get("reference_hash") == key
+    return (r.get("order") == order and r.get("reference_hash") == key
+            and all(r.get(k) == v for k, v in (expected or {}).items()))
 
 
 def run_groundtruth(params: Params, orders: dict[str, list[int]], data_dir: Path, ref_dir: Path, out_dir: Path,
@@ -92,12 +117,24 @@ def run_groundtruth(params: Params, orders: dict[str, list[int]], data_dir: Path
     """Retrain every order not already stored; returns all results by order name."""
     prepared = load_prepared(data_dir, params)
     key = trajectory_key(params, prepared, ref_dir)
-    todo = {n: o for n, o in orders.items() if not is_complete(result_path(out_dir, n), o, key)}
+    remove_temporaries(out_dir)
+    todo = {n: o for n, o in orders.items()
+            if not is_complete(result_path(out_dir, n), o, key, {"eval_every": eval_every})}
+    log.info("ground truth: %d of %d orders already stored, %d to retrain", len(orders) - len(todo), len(orders),
+             len(todo))
+    stale = [n for n in todo if result_path(out_dir, n).exists()]
+    if stale:
+        log.warning("stored results of %s are unreadable or from another run; retraining them", ", ".join(stale))
     bar = tqdm(total=len(orders), initial=len(orders) - len(todo), desc="ground truth", disable=not progress)
-    if todo:
+    if len(todo) == 1 or (todo and workers == 1):   # a worker process costs an interpreter start: only in parallel
+        oracle = Oracle(params, data_dir, ref_dir)
+        for name, order in todo.items():
+            atomic_write_json(result_path(out_dir, name), {"name": name, **oracle.retrain(order, eval_every)})
+            bar.update()
+    elif todo:
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                                    initializer=_init_worker, initargs=(params, data_dir, ref_dir)) as pool:
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
+                                    initargs=(params, data_dir, ref_dir, os.getpid())) as pool:
             futures = [pool.submit(_retrain_in_worker, n, o, eval_every) for n, o in todo.items()]
             for fut in cf.as_completed(futures):
                 name, result = fut.result()

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import config, corpus, data, estimators
 from .cache import CacheBuilder, UpdateCache
+from .device import resolve_device
 from .estimators import EstimationContext
 from .validation import accuracy
 from .evaluation import ppl
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 def prepare(params: config.Params, out_dir: Path) -> dict:
     """Corpus text per domain, the BPE tokenizer, and the packed splits."""
+    resolve_device(params.train)   # a GPU profile on a machine without a GPU is refused before any work
     out_dir = Path(out_dir)
     files = corpus.write_domains(params.corpus, out_dir / "corpus", params.data.seed)
     tokenizer = data.train_tokenizer(files, params.tokenizer.vocab_size, params.tokenizer.min_frequency,
@@ -56,7 +58,8 @@ def reference(params: config.Params, data_dir: Path, ref_dir: Path) -> tuple[dic
         "seq_len": params.data.seq_len, "domains": prepared.domains,
         "eval_ppl_start": ppl(summary["eval_loss_start"]), "eval_ppl_end": ppl(summary["eval_loss_end"]),
         "domain_eval_ppl_end": {d: ppl(x) for d, x in summary["domain_eval_loss_end"].items()},
-        "identity_retrain_bitwise": bitwise, "warmstart_seconds": summary["warm_seconds"],
+        "identity_retrain_bitwise": bitwise, "device": summary["device"],
+        "warmstart_seconds": summary["warm_seconds"],
         "window_seconds": summary["window_seconds"],
         "checkpoint_bytes": sum(checkpoint_path(ref_dir, t).stat().st_size for t in range(T + 1)),
     }
@@ -117,7 +120,7 @@ def _method_bytes(method: str, sizes: dict) -> int:
         return 0
     if method == "tracin":
         return sizes["projected"]
-    extra = sizes["curvature"] if method == "fut-state:eig" else 0
+    extra = sizes["curvature"] if method.startswith("fut-state:eig") else 0
     return sizes["grad"] + sizes["eval_grad"] + extra
 
 
@@ -151,6 +154,7 @@ def estimate(params: config.Params, data_dir: Path, ref_dir: Path, cache_dir: Pa
             "cache_bytes": _method_bytes(method, cache_stats["bytes"]),
             "break_even_orders": (cache_s / (retrain_s - sec)) if cache_s and sec < retrain_s else None,
             "identity_returns_reference": exact_identity,
+            "first_non_finite_step": min((t for t in est.non_finite_step if t is not None), default=None),
             "peak_rss_mb_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         log.info("%s: %s", method, {k: methods[method][k] for k in ("spearman", "r2_order_effect", "seconds_per_order")})

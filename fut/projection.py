@@ -8,12 +8,15 @@ cache serves the whole projection-size ablation.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from abc import ABC, abstractmethod
 
 import warnings
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 COLUMN_CHUNK = 128      # columns generated together (Gaussian) from one seed
@@ -56,7 +59,7 @@ class Projector(ABC):
         return z[0] if squeeze else z
 
     def metadata(self) -> dict:
-        return {"kind": self.kind, "dim": self.dim, "k": self.k, "seed": self.seed, "normalisation": "1/sqrt(k)"}
+        return projector_metadata(self.kind, self.dim, self.k, self.seed)
 
 
 class GaussianProjector(Projector):
@@ -107,8 +110,20 @@ class SparseProjector(Projector):
         return (self.matrix_t @ x.t()).t()
 
 
+# The one implementation of each kind, recorded with every projection so a stored one says how it was made
+# (there is no fall-back between backends).
+BACKENDS = {"sparse": "torch sparse CSR matmul, CPU", "gaussian": "torch.randn blocks regenerated from the seed, CPU"}
+
+
+def projector_metadata(kind: str, dim: int, k: int, seed: int) -> dict:
+    """What a projection is, as recorded with everything projected by it (no projector needs to be built)."""
+    return {"kind": kind, "dim": dim, "k": k, "seed": seed, "normalisation": "1/sqrt(k)", "backend": BACKENDS[kind]}
+
+
 def make_projector(kind: str, dim: int, k: int, seed: int) -> Projector:
     kinds = {"gaussian": GaussianProjector, "sparse": SparseProjector}
     if kind not in kinds:
         raise ValueError(f"projection kind {kind!r} is not one of {sorted(kinds)}")
-    return kinds[kind](dim, k, seed)
+    projector = kinds[kind](dim, k, seed)
+    log.info("projection: %s", projector.metadata())
+    return projector

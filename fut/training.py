@@ -7,16 +7,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .adam import AdamHyper
 from .config import ConfigError, Params, Schedule
 from .data import Prepared
 from .device import autocast, resolve_device
 from .model import build_model
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf appeared in a stage's computation; the message names the step and the tensor."""
+
+
+def first_non_finite(named: Mapping[str, torch.Tensor]) -> str | None:
+    """Name of the first tensor holding a NaN or inf, or None. One sum per tensor and a single device sync; a
+    sum that overflows is confirmed elementwise, so huge finite values are not mistaken for inf."""
+    names = list(named)
+    sums = torch.stack([named[n].detach().sum().float() for n in names])
+    if bool(torch.isfinite(sums).all()):
+        return None
+    return next((n for n, s in zip(names, sums) if not torch.isfinite(s) and not torch.isfinite(named[n]).all()),
+                None)
 
 
 @dataclass
@@ -54,11 +68,15 @@ def window_lrs(params: Params) -> list[float]:
 
 
 class Trainer:
-    """A model and its AdamW optimizer on the resolved device; one `step` is one training step."""
+    """A model and its AdamW optimizer on the resolved device; one `step` is one training step. `first_step`
+    resumes a schedule part-way (the lr of step s is the same float as in an uninterrupted run). A step whose
+    loss, gradients, parameters or moments hold a NaN or inf stops with NonFiniteError naming the `phase`, the
+    step and the tensor."""
 
     def __init__(self, params: Params, prepared: Prepared, state: TrainState | None, lr: float,
-                 schedule: Schedule, total_steps: int):
+                 schedule: Schedule, total_steps: int, phase: str = "window", first_step: int = 0):
         self.params = params
+        self.phase, self.steps_done = phase, first_step
         self.device = resolve_device(params.train)
         self.model = build_model(params.model, prepared.vocab_size, params.data.seq_len, prepared.eos_id)
         self.model.to(self.device)
@@ -69,7 +87,7 @@ class Trainer:
         if state is not None:
             self._load(state)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(schedule, s, total_steps))
+            self.optimizer, lambda s: lr_factor(schedule, first_step + s, total_steps))
 
     def _load(self, state: TrainState) -> None:
         with torch.no_grad():
@@ -98,14 +116,34 @@ class Trainer:
 
     def step(self, batch: torch.Tensor) -> float:
         self.model.train()
+        self.steps_done += 1
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(batch)
         loss.backward()
+        self._stop_if_non_finite({"the training loss": loss,
+                                  **{f"the gradient of {n!r}": p.grad for n, p in self.named.items()
+                                     if p.grad is not None}})
         if self.params.optimizer.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.params.optimizer.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        after = {}
+        for n, p in self.named.items():
+            s = self.optimizer.state[p]
+            after.update({f"the parameter {n!r}": p, f"the AdamW first moment of {n!r}": s["exp_avg"],
+                          f"the AdamW second moment of {n!r}": s["exp_avg_sq"]})
+        self._stop_if_non_finite(after)
         return float(loss.detach())
+
+    def _stop_if_non_finite(self, named: dict[str, torch.Tensor]) -> None:
+        bad = first_non_finite(named)
+        if bad is None:
+            return
+        cause = first_non_finite(self.named) if "parameter" not in bad else None
+        raise NonFiniteError(f"{self.phase} step {self.steps_done}: {bad} holds NaN or inf"
+                             + (f" (so does the parameter {cause!r})" if cause else "")
+                             + "; training stopped before it reached a stored artefact (lower the lr, or check the "
+                               "data and the start state)")
 
 
 def initial_state(params: Params, prepared: Prepared) -> TrainState:
@@ -121,7 +159,7 @@ def warm_start(params: Params, prepared: Prepared, progress: bool = True) -> tup
     if len(pool) < ws.batch_size:
         raise ConfigError(f"params: warmstart.batch_size = {ws.batch_size} is larger than the warm-start split "
                           f"({len(pool)} sequences); lower it or raise corpus.max_chars_per_domain")
-    trainer = Trainer(params, prepared, None, ws.lr, ws.schedule, ws.steps)
+    trainer = Trainer(params, prepared, None, ws.lr, ws.schedule, ws.steps, phase="warm start")
     gen = torch.Generator().manual_seed(ws.seed)
     perm, pos, losses = torch.randperm(len(pool), generator=gen), 0, []
     for _ in tqdm(range(ws.steps), desc="warm start", disable=not progress):
@@ -136,11 +174,12 @@ StepHook = Callable[[int, Trainer, float], None]
 
 
 def run_window(params: Params, prepared: Prepared, start: TrainState, order: Sequence[int],
-               on_step: StepHook | None = None, progress: bool = False) -> Trainer:
-    """Train the window in `order` (batch indices) from `start`; `on_step(t, trainer, loss)` after step t."""
+               on_step: StepHook | None = None, progress: bool = False, first_step: int = 0) -> Trainer:
+    """Train the window in `order` (batch indices) from `start`; `on_step(t, trainer, loss)` after step t.
+    `first_step` > 0 continues a window from the state after that many steps (`order` is then the rest)."""
     w = params.window
-    trainer = Trainer(params, prepared, start, w.lr, w.schedule, w.steps)
-    for t, j in enumerate(tqdm(order, desc="window", disable=not progress), start=1):
+    trainer = Trainer(params, prepared, start, w.lr, w.schedule, w.steps, first_step=first_step)
+    for t, j in enumerate(tqdm(order, desc="window", disable=not progress), start=first_step + 1):
         loss = trainer.step(prepared.window[j])
         if on_step is not None:
             on_step(t, trainer, loss)

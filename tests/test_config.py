@@ -27,12 +27,22 @@ def test_default_params_load():
     (("train", "threads"), 2.5, "train.threads = 2.5"),
     (("groundtruth", "structured"), ["sideways"], "groundtruth.structured[0] = 'sideways'"),
     (("warmstart", "enabled"), "yes", "warmstart.enabled = 'yes'"),
+    (("cache", "curvature"), ["domain", "domain"], "cache.curvature = ['domain', 'domain']"),
+    (("cache", "curvature"), ["per-token"], "cache.curvature[0] = 'per-token'"),
 ])
 def test_bad_values_name_key_value_and_allowed(params_dict, path, value, needle):
     params_dict[path[0]][path[1]] = value
     with pytest.raises(config.ConfigError) as err:
         config.from_dict(params_dict)
     assert needle in str(err.value) and "expected" in str(err.value)
+
+
+def test_a_method_needs_its_cached_eigenspaces(params_dict):
+    params_dict["cache"]["curvature"] = ["window"]
+    params_dict["estimate"]["methods"] = ["naive", "fut-state:eig"]
+    params_dict["estimate"]["default"] = "naive"
+    with pytest.raises(config.ConfigError, match=r"estimate\.methods\[1\] = 'fut-state:eig'.*needs 'domain'"):
+        config.from_dict(params_dict)
 
 
 def test_unknown_key_is_refused_with_allowed_keys(params_dict):

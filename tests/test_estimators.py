@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fut import pipeline
-from fut.cache import CacheBuilder, UpdateCache, shard_path
+from fut.cache import CacheBuilder, UpdateCache, curvature_batches, shard_path
 from fut.config import METHODS
 from fut.curvature import lanczos_top_eigen
 from fut.estimators import EstimationContext, estimate
@@ -62,13 +62,17 @@ def test_lanczos_finds_the_top_eigenpairs_of_a_known_operator():
     torch.testing.assert_close(A @ vecs[0], 50.0 * vecs[0], rtol=1e-3, atol=1e-3)
 
 
-def test_cached_eigenspace_acts_like_the_exact_hessian_on_its_span(ctx):
-    vals, vecs = ctx.cache.eigen(0)
-    from fut.cache import curvature_batch
-
-    batch = curvature_batch(ctx.prepared, ctx.params.cache.curvature_batch)
-    exact = ctx.loss.hvp(ctx.flat_state(0)[0], batch, vecs[:1])[0]
-    torch.testing.assert_close(exact @ vecs[0], vals[0], rtol=0.05, atol=1e-4)
+@pytest.mark.parametrize("t", [0, 1])
+def test_every_cached_eigenspace_acts_like_the_exact_hessian_of_its_batch(ctx, t):
+    batches = curvature_batches(ctx.prepared, ctx.params.cache.curvature_batch, ctx.params.cache.curvature)
+    domains = {f"domain{d}" for d in ctx.prepared.window_domains}
+    assert set(batches) == domains | {"window"}
+    s = t - t % ctx.params.cache.curvature_stride       # the checkpoint whose eigenspace step t uses
+    for group, batch in batches.items():
+        vals, vecs = ctx.cache.eigen(t, group)
+        assert vecs.shape == (ctx.params.cache.curvature_rank, ctx.layout.dim)
+        exact = ctx.loss.hvp(ctx.flat_state(s)[0], batch, vecs[:1])[0]
+        torch.testing.assert_close(exact @ vecs[0], vals[0], rtol=0.05, atol=1e-4)
 
 
 def test_projected_tracin_agrees_with_full_space_within_the_jl_bound(ctx):
@@ -82,6 +86,15 @@ def test_projected_tracin_agrees_with_full_space_within_the_jl_bound(ctx):
         g = ctx.cache.tensor(t, "proj_gamma").norm(dim=1).max()   # ‖PΓ‖ ≈ ‖Γ‖
         bound += ctx.lrs[t] * 2 * 4 * float(e * g) / ctx.params.cache.k ** 0.5
     assert (full - proj).abs().max() <= bound
+
+
+@pytest.mark.parametrize("method", ["fut-state:eig", "fut-state:eig-mixed", "fut-state:hvp", "fut-state:hvp-domain"])
+def test_orders_batched_together_get_what_each_gets_alone(ctx, method):
+    """Rows of one batch take different curvature groups at a step; none may see another's operator."""
+    orders = [list(reversed(range(ctx.T))), list(range(1, ctx.T)) + [0], list(range(ctx.T))]
+    together = estimate(ctx, orders, method).deviation
+    for i, order in enumerate(orders):
+        torch.testing.assert_close(together[i], estimate(ctx, [order], method).deviation[0], rtol=1e-5, atol=1e-9)
 
 
 def test_exact_hessian_replay_tracks_retraining(ctx, tiny):
@@ -100,14 +113,16 @@ def test_cache_resumes_and_refuses_foreign_or_broken_shards(tiny, tmp_path, para
 
     prepared = data.load_prepared(data_dir, params)
     builder = CacheBuilder(params, prepared, ref_dir, tmp_path)
-    assert builder.build(progress=False) == {"shards_built": params.window.steps + 1, "shards_reused": 0}
+    built = builder.build(progress=False)
+    assert (built["shards_built"], built["shards_reused"]) == (params.window.steps + 1, 0)
     grads = UpdateCache(params, prepared, ref_dir, tmp_path).grads(3).clone()
     shard_path(tmp_path, 3).unlink()          # a new file under the name, as a torn copy would leave
     shard_path(tmp_path, 3).write_bytes(b"truncated")
-    assert builder.build(progress=False) == {"shards_built": 1, "shards_reused": params.window.steps}
+    built = builder.build(progress=False)
+    assert (built["shards_built"], built["shards_reused"]) == (1, params.window.steps)
     assert torch.equal(UpdateCache(params, prepared, ref_dir, tmp_path).grads(3), grads)
     params_dict["cache"]["k"] = 32
-    with pytest.raises(ArtefactMismatch, match="cache_hash"):
+    with pytest.raises(ArtefactMismatch, match=r"projection \[metadata 'projector'"):
         UpdateCache(config.from_dict(params_dict), prepared, ref_dir, tmp_path)
     shard_path(tmp_path, 2).unlink()
     with pytest.raises(FileNotFoundError, match="cache is incomplete"):

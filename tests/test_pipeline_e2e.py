@@ -30,6 +30,7 @@ def repo(tmp_path_factory, text_dir):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "data" / "sources").mkdir(parents=True, exist_ok=True)   # a declared dependency of prepare
+    (dest / "reports" / "sweeps").mkdir(parents=True)   # the ablations stage's: no sweep points for tiny params
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(text_dir), sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
@@ -51,7 +52,8 @@ def test_dvc_repro_builds_every_stage(repo):
         assert key in gt
     assert gt["n_orders"] == 8
     est = json.loads((dest / "reports/metrics/estimators.json").read_text())
-    assert est["default_method"] == "fut-state:secant" and est["retrain_seconds_per_order"] > 0
+    default = yaml.safe_load((dest / "params.yaml").read_text())["estimate"]["default"]
+    assert est["default_method"] == default and est["retrain_seconds_per_order"] > 0
     for name, m in est["methods"].items():
         for key in ("spearman", "kendall", "r2_order_effect", "absdiff_ppl", "rel_err", "seconds_per_order",
                     "cache_seconds", "cache_bytes"):
@@ -66,6 +68,28 @@ def test_dvc_repro_builds_every_stage(repo):
     for fig in ("corpus_tokens", "reference_curves", "groundtruth_ppl", "groundtruth_trajectories", "cache_cost",
                 "estimates_scatter", "estimate_trajectories"):
         assert (dest / f"reports/figures/{fig}.png").stat().st_size > 1000
+    # Applications (issue 4) and the report.
+    cur = json.loads((dest / "reports/metrics/curriculum.json").read_text())
+    for name in ("random", "identity", "easy_to_hard", "interleaved_easy_to_hard", "genetic", "assignment",
+                 "estimator_search"):
+        assert {"true_ppl", "ci_low", "ci_high", "seconds", "peak_mb"} <= set(cur[name]), name
+    assert cur["random"]["n_orders"] == 2 and -1 <= cur["rank_agreement"]["spearman"] <= 1
+    mem = json.loads((dest / "reports/metrics/memorization.json").read_text())
+    for name in (est["default_method"], "fut", "fut++"):
+        assert {"mse", "mae", "spearman"} <= set(mem["estimators"][name]), name
+        assert {"mse", "mae", "spearman"} <= set(mem["generalization"]["estimators"][name]), name
+    dom = json.loads((dest / "reports/metrics/domain_order.json").read_text())
+    assert dom["n_orders"] == 2 and dom["n_retrained"] == 0
+    for nb in ("07_curriculum", "08_memorization", "09_domain_order"):
+        executed = json.loads((dest / f"reports/notebooks/{nb}.ipynb").read_text())
+        assert any(c.get("outputs") for c in executed["cells"]), nb
+    for fig in ("curriculum_strategies", "curriculum_search", "memorization_heatmaps", "generalization",
+                "domain_order"):
+        assert (dest / f"reports/figures/{fig}.png").stat().st_size > 1000
+    readme = (dest / "reports/README.md").read_text()
+    for fig in (dest / "reports/figures").glob("*.png"):
+        assert f"](figures/{fig.name})" in readme, fig.name
+    assert "has not been built" not in readme
     status = _run(["dvc", "status"], dest, env)
     assert "up to date" in status
 

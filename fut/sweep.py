@@ -1,0 +1,166 @@
+"""Ablations of the knobs that shape the reference run itself: window batch size, window length T, window lr,
+warm start on/off (params `sweep`). One cache cannot answer them, so every value is one self-contained run,
+prepare → reference → ground truth → cache → estimates, in its own folder, with every other param as in
+params.yaml. All points read the default run's corpus text (data/prepared/corpus), so they differ only in the
+knob. No tuning happens inside a point: every retrained order except the identity is scored.
+
+`python -m fut sweep` runs the points in parallel processes and writes one JSON per point to reports/sweeps/;
+a point whose JSON matches its params is skipped, so an interrupted sweep resumes. The ablations stage
+tabulates the JSONs.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import copy
+import dataclasses
+import multiprocessing
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import config, estimators, pipeline
+from .config import EIGENSPACES, SWEEP_KNOBS, Params
+from .storage import atomic_write_json, read_json, versions
+from .validation import accuracy
+
+SUMMARY = ("spearman", "kendall", "r2_order_effect", "absdiff_ppl", "rel_err", "n_non_finite")
+
+
+def points(params: Params) -> dict[str, dict[str, object]]:
+    """Point name ("default", "batch_size=4", ...) → the knob values it sets."""
+    out: dict[str, dict[str, object]] = {"default": {}}
+    for knob in SWEEP_KNOBS:
+        for value in getattr(params.sweep, knob):
+            out[f"{knob}={str(value).lower()}"] = {knob: value}
+    return out
+
+
+def point_params(params: Params, overrides: dict[str, object], corpus_dir: Path) -> Params:
+    """The params of one point: the knob set, the corpus read from `corpus_dir`, the sweep's ground truth."""
+    d = dataclasses.asdict(params)
+    for knob, value in overrides.items():
+        section, key = SWEEP_KNOBS[knob]
+        d[section][key] = value
+    corpus_dir = Path(corpus_dir).resolve()
+    d["corpus"]["sources"] = {name: {"kind": "local_text", "path": str(corpus_dir / f"{name}.txt"),
+                                     "optional": src.optional} for name, src in params.corpus.sources.items()}
+    # The text is already sampled to the limit (plus paragraph breaks): read it whole, so the default point
+    # prepares exactly the data of the default run.
+    d["corpus"]["max_chars_per_domain"] = 2 ** 40
+    s = params.sweep
+    d["groundtruth"].update(n_random=s.n_random, structured=list(s.structured), workers=1, eval_every=0)
+    d["cache"]["curvature"] = sorted({EIGENSPACES[m] for m in s.methods if m in EIGENSPACES})
+    d["estimate"].update(methods=list(s.methods), default=s.methods[-1])
+    return config.from_dict(copy.deepcopy(d))
+
+
+# The sections a point's run reads (its own corpus section only names where the text was read from, which
+# differs between machines: the base run's corpus definition stands for it).
+POINT_SECTIONS = ("tokenizer", "data", "model", "optimizer", "warmstart", "window", "train", "groundtruth", "cache",
+                  "estimate")
+
+
+def point_key(point: Params, base: Params) -> str:
+    """Provenance of a point: the sections its run reads, and the corpus definition its text came from."""
+    return f"{point.section_hash(*POINT_SECTIONS)}-{base.section_hash('corpus')}"
+
+
+def run_point(params: Params, key: str, name: str, work_dir: Path, out_file: Path, keep: bool = False) -> dict:
+    """One whole run; writes and returns its summary under the provenance `key`."""
+    work = Path(work_dir) / name
+    dirs = {k: work / k for k in ("prepared", "reference", "groundtruth", "cache")}
+    t0 = time.perf_counter()
+    pipeline.prepare(params, dirs["prepared"])
+    _, ref = pipeline.reference(params, dirs["prepared"], dirs["reference"])
+    results, gt = pipeline.groundtruth(params, dirs["prepared"], dirs["reference"], dirs["groundtruth"])
+    cache = pipeline.cache(params, dirs["prepared"], dirs["reference"], dirs["cache"])
+    names = sorted(n for n in results if n != "identity")
+    orders = [results[n]["order"] for n in names]
+    true_loss = np.array([results[n]["eval_loss"] for n in names])
+    ctx = estimators.EstimationContext(params, dirs["prepared"], dirs["reference"], dirs["cache"])
+    methods = {}
+    for method in params.estimate.methods:
+        est = estimators.estimate(ctx, orders, method)
+        acc = accuracy(est.eval_loss.double().numpy(), true_loss, ctx.naive_loss,
+                       params.estimate.bootstrap, params.estimate.holdout_seed)
+        methods[method] = {**{k: acc[k] for k in SUMMARY}, "r2_order_effect_ci": acc["r2_order_effect_ci"],
+                           "seconds_per_order": est.seconds / len(orders)}
+    summary = {
+        "point": name, "params_key": key, "versions": versions(),
+        "window_steps": params.window.steps, "batch_size": params.window.batch_size, "lr": params.window.lr,
+        "warmstart": params.warmstart.enabled, "n_params": ref["n_params"],
+        "identity_retrain_bitwise": ref["identity_retrain_bitwise"],
+        "eval_ppl_start": ref["eval_ppl_start"], "eval_ppl_end": ref["eval_ppl_end"],
+        "orders_scored": len(orders), "true_ppl_std": gt["true_ppl_std"], "random_ppl_std": gt["random_ppl_std"],
+        "retrain_seconds_per_order": statistics.fmean(results[n]["seconds"] for n in names),
+        "cache_seconds": cache["seconds"], "cache_seconds_per_pair": cache["seconds_per_pair"],
+        "naive_eval_loss": ctx.naive_loss, "methods": methods, "seconds": time.perf_counter() - t0,
+    }
+    atomic_write_json(out_file, summary)
+    if not keep:   # the cache of one point is gigabytes; its summary is what the sweep keeps
+        shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def is_done(out_file: Path, key: str) -> bool:
+    try:
+        return read_json(out_file)["params_key"] == key
+    except (FileNotFoundError, ValueError, KeyError):
+        return False
+
+
+def _run_in_worker(params: Params, key: str, name: str, work_dir: Path, out_file: Path) -> str:
+    if not is_done(out_file, key):      # another sweep process on the same folders may have finished it
+        run_point(params, key, name, work_dir, out_file)
+    return name
+
+
+def run_sweep(params: Params, corpus_dir: Path, work_dir: Path, out_dir: Path, jobs: int | None = None,
+              only: list[str] | None = None) -> list[str]:
+    """Run every point not yet done, `jobs` at a time; returns the names run."""
+    all_points = points(params)
+    unknown = sorted(set(only or []) - set(all_points))
+    if unknown:
+        raise ValueError(f"--only {unknown[0]!r} is not a sweep point; points: {', '.join(all_points)}")
+    todo = {}
+    for name, overrides in all_points.items():
+        if only and name not in only:
+            continue
+        p = point_params(params, overrides, corpus_dir)
+        key = point_key(p, params)
+        if not is_done(Path(out_dir) / f"{name}.json", key):
+            todo[name] = (p, key)
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=max(1, min(jobs or params.sweep.jobs, len(todo) or 1)),
+                                mp_context=ctx) as pool:
+        futures = [pool.submit(_run_in_worker, p, key, n, Path(work_dir), Path(out_dir) / f"{n}.json")
+                   for n, (p, key) in todo.items()]
+        for fut in cf.as_completed(futures):
+            print(f"sweep point done: {fut.result()}", flush=True)
+    return list(todo)
+
+
+def collect(params: Params, out_dir: Path) -> tuple[dict, list[str]]:
+    """Per knob, {"param": key, "values": {value: point summary}}, the default point under the default value;
+    and the names of points whose stored summary was computed with other params (refused: rerun them).
+    Points not run yet are absent."""
+    table, stale = {}, []
+    for name, overrides in points(params).items():
+        path = Path(out_dir) / f"{name}.json"
+        if not path.is_file():
+            continue
+        r = read_json(path)
+        if r["params_key"] != point_key(point_params(params, overrides, Path(".")), params):
+            stale.append(name)
+            continue
+        knobs = overrides or {k: getattr(getattr(params, s), key) for k, (s, key) in SWEEP_KNOBS.items()}
+        for knob, value in knobs.items():
+            section, key = SWEEP_KNOBS[knob]
+            entry = table.setdefault(knob, {"param": f"{section}.{key}", "values": {}})
+            entry["values"][str(value).lower()] = (value, r)
+    for entry in table.values():        # values in ascending order, for tables and figures
+        entry["values"] = {v: r for v, (_, r) in sorted(entry["values"].items(), key=lambda kv: kv[1][0])}
+    return table, stale

@@ -1,0 +1,50 @@
+"""Domain order on the tiny run: every ordering of the domains estimated, the truth of the ends reused from
+the ground truth (looked up by order; only what it lacks is retrained)."""
+import pytest
+
+from fut import config
+from fut.applications import truth_for
+from fut.domain_order import domain_order
+from fut.storage import atomic_write_json, read_json
+
+
+def test_domain_order_reuses_the_ground_truth(tiny_truth, tmp_path):
+    params, data_dir, ref_dir, cache_dir, gt_dir = tiny_truth
+    details, metrics = domain_order(params, data_dir, ref_dir, cache_dir, gt_dir, tmp_path)
+    atomic_write_json(tmp_path / "domain_order.json", metrics)
+    gt = read_json(gt_dir / "results.json")
+    blocks = {n: r for n, r in gt.items() if n.startswith("domains-")}
+    assert metrics["n_orders"] == len(blocks) == 2 and metrics["n_retrained"] == 0
+    assert (tmp_path / "orders").is_dir()          # a DVC output, even with nothing retrained
+    best = min(blocks, key=lambda n: blocks[n]["eval_ppl"])
+    assert metrics["mixed"]["true_best"]["order"] == best
+    assert metrics["mixed"]["true_best"]["true_ppl"] == blocks[best]["eval_ppl"]
+    for d in ("genesis", "gospels"):
+        assert metrics["per_domain"][d]["est_best"]["order"] in blocks
+    row = details["rows"][0]
+    assert row["sequence"].count("→") == 1 and row["est_ppl_genesis"] > 1
+
+
+def test_truth_is_reused_by_order_and_only_the_rest_retrained():
+    known = {"identity": {"order": [0, 1, 2], "eval_ppl": 10.0}, "reversed": {"order": [2, 1, 0], "eval_ppl": 11.0}}
+    asked = []
+
+    def retrain(missing):
+        asked.append(dict(missing))
+        return {n: {"order": o, "eval_ppl": 12.0} for n, o in missing.items()}
+
+    truth, retrained = truth_for({"a": [2, 1, 0], "b": [1, 0, 2]}, known, retrain)
+    assert truth["a"] is known["reversed"] and truth["b"]["eval_ppl"] == 12.0
+    assert retrained == ["b"] and asked == [{"b": [1, 0, 2]}]
+    assert truth_for({"a": [0, 1, 2]}, known, retrain) == ({"a": known["identity"]}, []) and asked[-1] == {}
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("max_orders", 1, "domain_order.max_orders = 1"),
+    ("verify", 0, "domain_order.verify = 0"),
+])
+def test_bad_domain_order_params_are_refused(params_dict, key, value, needle):
+    params_dict["domain_order"][key] = value
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict(params_dict)
+    assert needle in str(err.value) and "expected" in str(err.value)
