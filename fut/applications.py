@@ -174,11 +174,6 @@ def truth_for(orders: dict[str, list[int]], known: dict[str, dict], retrain) -> 
 
 # --- estimates -----------------------------------------------------------------------------------------
 
-# Orders replayed together. Measured with the default model on 2 cores: 0.62 s per order at 8-12 orders per
-# chunk, 0.74 at 24 and 1.1 at 32 (the replay's [n, d] temporaries outgrow what memory bandwidth rewards).
-CHUNK = 12
-
-
 @torch.no_grad()
 def estimated_readouts(ctx: EstimationContext, orders: Sequence[Sequence[int]], method: str,
                        readouts: dict[str, torch.Tensor] | None = None, per_order: dict | None = None) -> dict:
@@ -188,7 +183,7 @@ def estimated_readouts(ctx: EstimationContext, orders: Sequence[Sequence[int]], 
     if method not in READOUT_METHODS:
         raise ValueError(f"method {method!r} estimates no parameters, so it has no readout but the eval loss; "
                          f"use one of {', '.join(READOUT_METHODS)}")
-    est = estimators.estimate(ctx, orders, method, chunk=CHUNK)
+    est = estimators.estimate(ctx, orders, method)
     out = {"eval_loss": est.eval_loss.double().numpy(), "seconds": est.seconds}
     for i in range(len(orders)):
         theta = ctx.theta_T if est.deviation is None else ctx.theta_T + est.deviation[i]

@@ -178,12 +178,12 @@ def estimate_trajectories(ctx, oracle: Oracle, truth: dict, names: list[str], me
         true_curve = dict(zip(truth[name]["trajectory"]["step"], truth[name]["trajectory"]["eval_loss"]))
         gamma_true = ctx.layout.flatten(oracle.retrain_trainer(order).state().theta)
         for method in methods:
-            est = estimators.estimate_along_steps(ctx, order, method, sorted(true_curve))
+            # One replay gives both the curve and δ_T: the last eval step is the window's end.
+            est, delta = estimators.estimate_along_steps(ctx, order, method, sorted(true_curve))
             for step, true_loss in sorted(true_curve.items()):
                 rows.append({"method": method, "order": name, "step": step, "true_loss": true_loss,
                              "est_loss": est[step]})
                 errors[method]["loss"].append(abs(est[step] - true_loss))
-            delta = estimators.estimate(ctx, [order], method).deviation[0]
             errors[method]["param"].append(
                 float((ctx.theta_T + delta - gamma_true).norm() / (ctx.theta_T - gamma_true).norm()))
     def mean(xs):   # a diverged method (non-finite estimates) has no error to report: null, never NaN

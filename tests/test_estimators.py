@@ -133,6 +133,7 @@ def test_estimates_along_the_steps_end_at_the_final_estimate(ctx):
     from fut.estimators import estimate_along_steps
 
     order = list(reversed(range(ctx.T)))
-    along = estimate_along_steps(ctx, order, "fut-state:secant", [2, ctx.T])
+    along, delta = estimate_along_steps(ctx, order, "fut-state:secant", [2, ctx.T])
+    final = estimate(ctx, [order], "fut-state:secant")
     assert set(along) == {2, ctx.T}
-    assert along[ctx.T] == float(estimate(ctx, [order], "fut-state:secant").eval_loss[0])
+    assert along[ctx.T] == float(final.eval_loss[0]) and torch.equal(delta, final.deviation[0])
