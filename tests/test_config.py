@@ -29,6 +29,21 @@ def test_default_params_load():
     (("warmstart", "enabled"), "yes", "warmstart.enabled = 'yes'"),
     (("cache", "curvature"), ["domain", "domain"], "cache.curvature = ['domain', 'domain']"),
     (("cache", "curvature"), ["per-token"], "cache.curvature[0] = 'per-token'"),
+    (("curriculum", "population"), 1, "curriculum.population = 1"),
+    (("curriculum", "elite"), 4, "curriculum.elite = 4"),
+    (("curriculum", "mutation"), 1.5, "curriculum.mutation = 1.5"),
+    (("curriculum", "searches"), ["genetic", "genetic"], "curriculum.searches = ['genetic', 'genetic']"),
+    (("curriculum", "searches"), ["annealing"], "curriculum.searches[0] = 'annealing'"),
+    (("curriculum", "verify_top"), 0, "curriculum.verify_top = 0"),
+    (("curriculum", "generations"), 0, "curriculum.generations = 0"),
+    (("domain_order", "max_orders"), 1, "domain_order.max_orders = 1"),
+    (("domain_order", "verify"), 0, "domain_order.verify = 0"),
+    (("memorization", "batches"), 0, "memorization.batches = 0"),
+    (("memorization", "positions"), 1, "memorization.positions = 1"),
+    (("memorization", "true_positions"), 1, "memorization.true_positions = 1"),
+    (("memorization", "true_positions"), 9, "memorization.true_positions = 9"),
+    (("memorization", "methods"), ["tracin"], "memorization.methods[0] = 'tracin'"),
+    (("memorization", "similar_fraction"), 0.7, "memorization.similar_fraction = 0.7"),
 ])
 def test_bad_values_name_key_value_and_allowed(params_dict, path, value, needle):
     params_dict[path[0]][path[1]] = value

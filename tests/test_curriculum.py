@@ -7,7 +7,6 @@ import random
 import numpy as np
 import pytest
 
-from fut import config
 from fut.curriculum import (Genetic, curriculum, fit_position_model, minimiser, order_crossover, proposals,
                             run_searches, swap)
 from fut.groundtruth import Oracle
@@ -131,19 +130,3 @@ def test_curriculum_stage_verifies_its_choice_by_retraining(tiny_truth, tmp_path
     again = curriculum(params, data_dir, ref_dir, cache_dir, gt_dir, tmp_path)[1]
     assert again["estimator_search"]["true_ppl"] == chosen["true_ppl"]
     assert again["costs"]["verification"]["seconds"] < metrics["costs"]["verification"]["seconds"]
-
-
-@pytest.mark.parametrize("key, value, needle", [
-    ("population", 1, "curriculum.population = 1"),
-    ("elite", 4, "curriculum.elite = 4"),
-    ("mutation", 1.5, "curriculum.mutation = 1.5"),
-    ("searches", ["genetic", "genetic"], "curriculum.searches = ['genetic', 'genetic']"),
-    ("searches", ["annealing"], "curriculum.searches[0] = 'annealing'"),
-    ("verify_top", 0, "curriculum.verify_top = 0"),
-    ("generations", 0, "curriculum.generations = 0"),
-])
-def test_bad_curriculum_params_are_refused(params_dict, key, value, needle):
-    params_dict["curriculum"][key] = value
-    with pytest.raises(config.ConfigError) as err:
-        config.from_dict(params_dict)
-    assert needle in str(err.value) and "expected" in str(err.value)

@@ -1,8 +1,6 @@
 """Domain order on the tiny run: every ordering of the domains estimated, the truth of the ends reused from
 the ground truth (looked up by order; only what it lacks is retrained)."""
-import pytest
 
-from fut import config
 from fut.applications import truth_for
 from fut.domain_order import domain_order
 from fut.storage import atomic_write_json, read_json
@@ -37,14 +35,3 @@ def test_truth_is_reused_by_order_and_only_the_rest_retrained():
     assert truth["a"] is known["reversed"] and truth["b"]["eval_ppl"] == 12.0
     assert retrained == ["b"] and asked == [{"b": [1, 0, 2]}]
     assert truth_for({"a": [0, 1, 2]}, known, retrain) == ({"a": known["identity"]}, []) and asked[-1] == {}
-
-
-@pytest.mark.parametrize("key, value, needle", [
-    ("max_orders", 1, "domain_order.max_orders = 1"),
-    ("verify", 0, "domain_order.verify = 0"),
-])
-def test_bad_domain_order_params_are_refused(params_dict, key, value, needle):
-    params_dict["domain_order"][key] = value
-    with pytest.raises(config.ConfigError) as err:
-        config.from_dict(params_dict)
-    assert needle in str(err.value) and "expected" in str(err.value)

@@ -101,21 +101,6 @@ def test_memorization_stage_on_the_tiny_run(tiny_truth, tmp_path, params_dict):
     assert all(lo <= x["mean"] <= hi for x in truth_groups.values() for lo, hi in [x["ci"]])
 
 
-@pytest.mark.parametrize("key, value, needle", [
-    ("batches", 0, "memorization.batches = 0"),
-    ("positions", 1, "memorization.positions = 1"),
-    ("true_positions", 1, "memorization.true_positions = 1"),
-    ("true_positions", 9, "memorization.true_positions = 9"),
-    ("methods", ["tracin"], "memorization.methods[0] = 'tracin'"),
-    ("similar_fraction", 0.7, "memorization.similar_fraction = 0.7"),
-])
-def test_bad_memorization_params_are_refused(params_dict, key, value, needle):
-    params_dict["memorization"][key] = value
-    with pytest.raises(config.ConfigError) as err:
-        config.from_dict(params_dict)
-    assert needle in str(err.value) and "expected" in str(err.value)
-
-
 def test_unknown_base_order_is_refused_naming_the_choices(tiny_truth, tmp_path, params_dict):
     _, data_dir, ref_dir, cache_dir, gt_dir = tiny_truth
     params_dict["memorization"]["base_order"] = "sideways"
