@@ -58,7 +58,7 @@ def main() -> None:
     step_s = timed(lambda: trainer.step(window[0]), 5)
     builder = CacheBuilder(params, prepared, ref_dir, Path(tempfile.mkdtemp()))
     t0 = time.perf_counter()
-    builder.build_shard(1, {})
+    builder.build_pairs(1)
     shard_s = time.perf_counter() - t0
     cost = read_json(Path("data/cache/stats.json"))
     cache = {"train_step_seconds": step_s, "limit_pairs_per_second": 1 / step_s,

@@ -1,6 +1,7 @@
 """The ablation table. Answered by one cache without retraining: projection size k (prefixes of the stored
-projection), the readout (exact vs linear) of the default method, and the curvature choice of `fut-state` (from
-the estimate stage's table). Knobs that change the reference run (batch size, T, lr, warm start) need one
+projection), the readout (exact vs linear) of the default method, the curvature choice of `fut-state` (from
+the estimate stage's table), and the checkpoint stride of the cache (the default method reading pairs only at
+every s-th checkpoint of this one, exactly what a cache built with `cache.checkpoint_stride` = s holds). Knobs that change the reference run (batch size, T, lr, warm start) need one
 whole run per value: `python -m fut sweep` (fut/sweep.py) writes them to reports/sweeps/, tabulated here."""
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .validation import accuracy
 
 log = logging.getLogger(__name__)
 
+STRIDES = (2, 4)
 SUMMARY = ("spearman", "kendall", "r2_order_effect", "absdiff_ppl", "rel_err", "n_non_finite")
 
 
@@ -44,12 +46,19 @@ def ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt
         readout[kind] = scored(est.eval_loss, est.seconds)
 
     methods = read_json(estimates_file)["methods"]
+    stride = {"1": {**{k: methods[e.default][k] for k in (*SUMMARY, "seconds_per_order")}, "pairs_fraction": 1.0}}
+    for s in STRIDES:
+        if s > params.cache.checkpoint_stride and s % params.cache.checkpoint_stride == 0 and s < ctx.T:
+            sparse = EstimationContext(params, data_dir, ref_dir, cache_dir, checkpoint_stride=s)
+            est = estimators.estimate(sparse, orders, e.default)
+            stride[str(s)] = {**scored(est.eval_loss, est.seconds), "pairs_fraction": _pairs_fraction(ctx.T, s)}
     curvature = {m.split(":")[1]: {k: methods[m][k] for k in (*SUMMARY, "seconds_per_order")}
                  for m in methods if m.startswith("fut-state:")}
     table = {"held_out_orders": len(orders),
              "projection_k": {"method": "tracin", "values": projection_k},
              "readout": {"method": e.default, "values": readout},
-             "curvature": {"method": "fut-state", "values": curvature}}
+             "curvature": {"method": "fut-state", "values": curvature},
+             "checkpoint_stride": {"method": e.default, "values": stride}}
     sweep, stale = collect(params, sweeps_dir)
     if stale:
         log.warning("sweep points computed with other params, left out (rerun: python -m fut sweep --only %s)",
@@ -58,6 +67,12 @@ def ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt
     for knob, entry in sweep.items():
         table[knob] = {"param": entry["param"], "values": {value: _sweep_row(r) for value, r in entry["values"].items()}}
     return table
+
+
+def _pairs_fraction(T: int, s: int) -> float:
+    """Gradient evaluations of a stride-s cache's pairs and own gradients, as a fraction of the full T(T+1)."""
+    cached = len(range(0, T + 1, s))
+    return (cached * T + (T - len(range(0, T, s)))) / (T * (T + 1))
 
 
 def _sweep_row(r: dict) -> dict:

@@ -2,14 +2,11 @@
 the readouts they need, estimated readouts at the estimated parameters, and the cost of each step.
 
 Truth is reused wherever the ground-truth stage already paid for it (an order is looked up by its batch
-indices, not its name); only orders it never trained are retrained here, like the ground truth: in worker
-processes that die with the stage, one resumable file per order.
+indices, not its name); only orders it never trained are retrained here, like the ground truth
+(`groundtruth.retrain_all`): over torchrun ranks that die with the stage, one resumable file per order.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing
-import os
 import re
 import resource
 import time
@@ -20,16 +17,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import estimators
 from .config import READOUT_METHODS, Params
-from .data import load_prepared
 from .estimators import EstimationContext
 from .evaluation import eval_losses, ppl, window_batch_losses
-from .groundtruth import Oracle, die_with_parent, is_complete, result_path
-from .reference import trajectory_key
-from .storage import atomic_write_json, read_json, remove_temporaries
+from .groundtruth import Oracle, retrain_all
 from .training import sequence_losses
 
 _STATUS = Path("/proc/self/status")
@@ -122,44 +115,11 @@ def retrain_readouts(oracle: Oracle, order: Sequence[int]) -> dict:
             "reference_hash": oracle.results_key}
 
 
-_worker: Oracle | None = None
-
-
-def _init_worker(params: Params, data_dir: Path, ref_dir: Path, parent: int) -> None:
-    global _worker
-    die_with_parent(parent)
-    _worker = Oracle(params, data_dir, ref_dir)
-
-
-def _retrain_in_worker(name: str, order: list[int]) -> tuple[str, dict]:
-    return name, retrain_readouts(_worker, order)
-
-
 def retrain_orders(params: Params, orders: dict[str, list[int]], data_dir: Path, ref_dir: Path, out_dir: Path,
                    workers: int, desc: str = "retrain", progress: bool = True) -> dict[str, dict]:
-    """Retrain every named order not already stored in `out_dir` (for this reference run); all results.
-    `out_dir` exists afterwards even when there was nothing to retrain (it is a DVC output)."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    remove_temporaries(out_dir)
-    key = trajectory_key(params, load_prepared(data_dir, params), ref_dir)
-    todo = {n: o for n, o in orders.items() if not is_complete(result_path(out_dir, n), o, key)}
-    bar = tqdm(total=len(orders), initial=len(orders) - len(todo), desc=desc, disable=not progress)
-    if len(todo) == 1 or (todo and workers == 1):   # a worker process costs an interpreter start: only in parallel
-        oracle = Oracle(params, data_dir, ref_dir)
-        for name, order in todo.items():
-            atomic_write_json(result_path(out_dir, name), {"name": name, **retrain_readouts(oracle, order)})
-            bar.update()
-    elif todo:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
-                                    initargs=(params, data_dir, ref_dir, os.getpid())) as pool:
-            futures = [pool.submit(_retrain_in_worker, n, o) for n, o in todo.items()]
-            for fut in cf.as_completed(futures):
-                name, result = fut.result()
-                atomic_write_json(result_path(out_dir, name), {"name": name, **result})
-                bar.update()
-    bar.close()
-    return {n: read_json(result_path(out_dir, n)) for n in orders}
+    """Retrain every named order not already stored in `out_dir` with `retrain_readouts`; all results."""
+    return retrain_all(params, orders, data_dir, ref_dir, out_dir, workers, "sequences", desc=desc,
+                       progress=progress)
 
 
 def truth_for(orders: dict[str, list[int]], known: dict[str, dict], retrain) -> tuple[dict[str, dict], list[str]]:

@@ -4,11 +4,16 @@
   python -m fut estimate --orders FILE [--method NAME] [--params params.yaml]
   python -m fut sweep [--jobs N] [--only POINT ...] [--params params.yaml]
   python -m fut reliability [--out reports/metrics/reliability.json] [--params params.yaml]
+  python -m fut plan [--params params.yaml] [--no-timing]
+  torchrun --nproc-per-node N -m fut cache [--params params.yaml]   (or python -m fut cache)
 
 FILE holds one order per line, comma-separated batch indices. Both print a JSON list, one object per order:
 {"order": [...], "eval_loss": x, "eval_ppl": y} (plus "method" for estimate). `sweep` runs the ablations
 that need their own reference run (params `sweep`; see fut/sweep.py) and writes reports/sweeps/POINT.json.
-`reliability` runs the fault, bad-input and determinism scenarios of fut/reliability.py on tiny params (a few
+`plan` prints what the cache of these params will cost (files, bytes, gradient evaluations, estimated time)
+and exits with status 1 when its disk cannot hold it. `cache` builds the cache, shared over the ranks when
+launched by torchrun (any number of processes or nodes; each rank builds its share of the work units, rank 0
+writes the manifest), else with `cache.workers` ranks it launches itself. `reliability` runs the fault, bad-input and determinism scenarios of fut/reliability.py on tiny params (a few
 minutes) and writes their counts and outcomes.
 """
 from __future__ import annotations
@@ -45,6 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=Path("reports/sweeps"), type=Path)
     p.add_argument("--jobs", type=int, default=None, help="points in parallel (default: sweep.jobs)")
     p.add_argument("--only", nargs="+", default=None, help="run only these points, e.g. default steps=12")
+    for name in ("plan", "cache"):
+        p = sub.add_parser(name, help="print the cache's cost and check the disk" if name == "plan" else
+                           "build or resume the cache (as torchrun ranks or cache.workers of them)")
+        p.add_argument("--params", default=Path("params.yaml"), type=Path)
+        p.add_argument("--data", default=Path("data/prepared"), type=Path)
+        p.add_argument("--reference", default=Path("data/reference"), type=Path)
+        p.add_argument("--cache", default=Path("data/cache"), type=Path)
+        if name == "plan":
+            p.add_argument("--no-timing", action="store_true", help="skip timing a gradient and an HVP here")
+    p = sub.add_parser("retrain-job", help="a torchrun rank's part of a parallel retrain (launched by fut itself)")
+    p.add_argument("job", type=Path)
     p = sub.add_parser("reliability", help="kill, corruption, NaN, bad-input and rerun scenarios on tiny params")
     p.add_argument("--params", default=Path("params.yaml"), type=Path, help="the defaults the tiny params shrink")
     p.add_argument("--out", default=Path("reports/metrics/reliability.json"), type=Path)
@@ -55,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         return _sweep(args)
     if args.command == "reliability":
         return _reliability(args)
+    if args.command in ("plan", "cache"):
+        return _cache(args)
+    if args.command == "retrain-job":
+        from .groundtruth import run_retrain_job
+
+        run_retrain_job(args.job)
+        return 0
     try:
         params = config.load(args.params)
         if not args.orders.is_file():
@@ -79,6 +102,37 @@ def main(argv: list[str] | None = None) -> int:
                for o, x in zip(orders, est.eval_loss)]
     json.dump(out, sys.stdout)
     print()
+    return 0
+
+
+def _cache(args) -> int:
+    from .data import load_prepared
+    from .storage import ArtefactMismatch, InsufficientDisk
+
+    try:
+        params = config.load(args.params)
+        prepared = load_prepared(args.data, params)
+    except (config.ConfigError, FileNotFoundError, ArtefactMismatch) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "cache":
+        from .cache import build_cache
+
+        build_cache(params, args.data, args.reference, args.cache)
+        return 0
+    from .plan import cache_plan, check_disk, describe, with_time
+
+    plan = cache_plan(params, prepared, args.cache)
+    if not args.no_timing:
+        plan = with_time(plan, params, prepared)
+    print(describe(plan))
+    json.dump(plan, sys.stdout)
+    print()
+    try:
+        check_disk(plan, args.cache)
+    except InsufficientDisk as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
@@ -210,8 +210,19 @@ class CacheConfig:
     # Which eigenspaces to cache: `domain`, one per domain of the window batches (for `fut-state:eig`), and/or
     # `window`, one for a batch mixed from the whole window (for `fut-state:eig-mixed`).
     curvature: list[Literal["domain", "window"]] = field(default_factory=lambda: ["domain", "window"])
+    # g(θ_t, B_j) for every batch only at every s-th checkpoint: T²/s gradient evaluations; fut-state expands
+    # around the nearest cached checkpoint with the cached curvature (other methods need every checkpoint).
+    checkpoint_stride: int = 1
+    workers: int = 1                # torch.distributed ranks (torchrun) that share the build
+    # How the build is spread does not change a tensor of it: not part of the cache's provenance.
+    NOT_HASHED: ClassVar[tuple[str, ...]] = ("workers",)
 
     def validate(self, key: str) -> None:
+        _check(self.checkpoint_stride >= 1, f"{key}.checkpoint_stride", self.checkpoint_stride, "an int >= 1")
+        _check(self.workers >= 1, f"{key}.workers", self.workers, "an int >= 1")
+        _check(self.checkpoint_stride == 1 or self.curvature, f"{key}.curvature", self.curvature,
+               "a non-empty list of [domain, window] when cache.checkpoint_stride > 1 (the expansion between "
+               "cached checkpoints needs an eigenspace)")
         _check(self.k >= 1, f"{key}.k", self.k, "an int >= 1")
         _check(self.curvature_rank >= 1, f"{key}.curvature_rank", self.curvature_rank, "an int >= 1")
         _check(self.curvature_iterations >= self.curvature_rank, f"{key}.curvature_iterations",
@@ -226,6 +237,8 @@ METHODS = ("naive", "fut", "fut++", "tracin", "tracin:full", "fut-state:none", "
            "fut-state:eig", "fut-state:eig-mixed", "fut-state:hvp", "fut-state:hvp-domain", "fut-state:hvp-mixed")
 # The cached eigenspaces each curvature needs (cache.curvature).
 EIGENSPACES = {"fut-state:eig": "domain", "fut-state:eig-mixed": "window"}
+# What can run on a cache with cache.checkpoint_stride > 1 (the rest reads g(θ_t, B_j) at every checkpoint).
+STRIDED_METHODS = ("naive", "fut-state:none", "fut-state:eig", "fut-state:eig-mixed", "fut-state:hvp")
 
 
 @dataclass(frozen=True)
@@ -370,10 +383,21 @@ class Params:
             _check(kind is None or kind in self.cache.curvature, f"estimate.methods[{i}]", m,
                    f"a method whose eigenspaces the cache holds (cache.curvature = {self.cache.curvature}; "
                    f"{m} needs {kind!r})")
+        if self.cache.checkpoint_stride > 1:
+            for name, methods in (("estimate.methods", self.estimate.methods), ("sweep.methods", self.sweep.methods),
+                                  ("memorization.methods", self.memorization.methods)):
+                for i, m in enumerate(methods):
+                    _check(m in STRIDED_METHODS, f"{name}[{i}]", m, f"one of {', '.join(STRIDED_METHODS)} with "
+                           f"cache.checkpoint_stride = {self.cache.checkpoint_stride} (or set it to 1)")
+            _check(self.estimate.default in STRIDED_METHODS, "estimate.default", self.estimate.default,
+                   f"one of {', '.join(STRIDED_METHODS)} with cache.checkpoint_stride > 1")
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the named sections: the provenance key of an artefact built from them."""
-        blob = json.dumps({n: dataclasses.asdict(getattr(self, n)) for n in sorted(names)}, sort_keys=True)
+        def values(section: Any) -> dict:
+            return {k: v for k, v in dataclasses.asdict(section).items() if k not in getattr(section, "NOT_HASHED", ())}
+
+        blob = json.dumps({n: values(getattr(self, n)) for n in sorted(names)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -444,6 +468,11 @@ def _build(cls: type, data: Any, key: str) -> Any:
 
 def from_dict(data: dict) -> Params:
     return _build(Params, data, "")
+
+
+def to_yaml(params: Params) -> str:
+    """The params as a params.yaml that `load` reads back to the same Params."""
+    return yaml.safe_dump(dataclasses.asdict(params), sort_keys=False)
 
 
 def load(path: str | Path = "params.yaml") -> Params:

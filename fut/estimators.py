@@ -14,6 +14,10 @@ never drowns in the rounding of θ.
   the cached top eigenspace of the Hessian of a batch of B_σ(t)'s domain (`eig`) or of a batch mixed from
   the whole window (`eig-mixed`), or the exact Hessian of B_σ(t) (`hvp`) or of the batch that `eig` / `eig-mixed`
   take eigenspaces of (`hvp-domain` / `hvp-mixed`: accuracy references, a curvature product per step).
+  Between cached checkpoints (`cache.checkpoint_stride` s > 1) the gradient is expanded around the nearest
+  cached one, c = t − t mod s: g(θ_t, B_j) ≈ g(θ_c, B_j) + H_c (θ_t − θ_c) with the cached eigenspace of B_j's
+  domain (the mixed one without domain eigenspaces), and the exact stored g(θ_t, B_t) for the reference's
+  own batch, so the identity order still gives δ = 0 exactly.
 - `tracin`: first-order influence along the reference path, ΔL = Σ_t ⟨∇L_E(θ_{t+1}), −η_t(Γ_{t,σ(t)} − Γ_{t,t})⟩,
   in projected space (`tracin`) or full space (`tracin:full`).
 - `naive`: the order does not matter; L_E(θ_T).
@@ -31,7 +35,7 @@ import torch
 
 from .adam import AdamHyper, adam_direction, adam_moments, clip_scale
 from .cache import UpdateCache, batch_group, curvature_batches
-from .config import METHODS, Params
+from .config import METHODS, STRIDED_METHODS, Params
 from .curvature import LossFunction
 from .data import Prepared, load_prepared
 from .device import configure_threads
@@ -65,8 +69,15 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 class EstimationContext:
     """Everything the estimators read: reference trajectory, cache, eval set and the loss function."""
 
-    def __init__(self, params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path):
+    def __init__(self, params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path,
+                 checkpoint_stride: int | None = None):
+        """`checkpoint_stride`: read g(θ_t, B_j) only at these checkpoints (a multiple of the cache's own
+        stride; default the cache's), which measures a sparser cache on this one."""
         configure_threads(params.train)
+        self.stride = checkpoint_stride or params.cache.checkpoint_stride
+        if self.stride % params.cache.checkpoint_stride:
+            raise ValueError(f"checkpoint_stride {self.stride}: expected a multiple of cache.checkpoint_stride "
+                             f"({params.cache.checkpoint_stride}), the checkpoints the cache has pairs at")
         self.params = params
         self.prepared: Prepared = load_prepared(data_dir, params)
         self.ref_dir = Path(ref_dir)
@@ -89,7 +100,8 @@ class EstimationContext:
         """θ_t, m_t, v_t (flat) and the Adam step count of the reference checkpoint t."""
         if t not in self._states:
             s = load_checkpoint(self.ref_dir, t, self.ref_hash)
-            self._states = {k: v for k, v in self._states.items() if k == t - 1}   # replays walk forward
+            # Replays walk forward (and back to the last cached checkpoint): the last few states suffice.
+            self._states = dict(list(self._states.items())[-3:])
             self._states[t] = (self.layout.flatten(s.theta), self.layout.flatten(s.m), self.layout.flatten(s.v),
                                s.adam_step)
         return self._states[t]
@@ -100,6 +112,22 @@ class EstimationContext:
             self._grads = {k: v for k, v in self._grads.items() if k == t - 1}
             self._grads[t] = self.cache.grads(t)
         return self._grads[t]
+
+    def batch_grads(self, t: int, batches: torch.Tensor) -> torch.Tensor:
+        """g(θ_t, B_j) for each j in `batches` [n, d]: stored at a cached checkpoint, else expanded around the
+        nearest cached one c ≤ t with its eigenspace (exact for the reference's own batch B_t)."""
+        if t % self.stride == 0:
+            return self.grads(t)[batches]
+        c = t - t % self.stride
+        g = self.grads(c)[batches].clone()
+        moved = self.flat_state(t)[0] - self.flat_state(c)[0]
+        groups = [batch_group(self.prepared, j) if "domain" in self.params.cache.curvature else "window"
+                  for j in batches.tolist()]
+        for group in sorted(set(groups)):
+            vals, vecs = self.cache.eigen(c, group)
+            g[torch.tensor([x == group for x in groups])] += ((vecs @ moved) * vals) @ vecs
+        g[batches == t] = self.cache.own_grad(t)
+        return g
 
     def curvature_batches(self) -> dict[str, torch.Tensor]:
         """The batches whose Hessians the cache's eigenspaces are of, by group (all kinds)."""
@@ -156,9 +184,8 @@ def replay_state(ctx: EstimationContext, sigma: torch.Tensor, curvature: str, st
     m, v = m0.expand(n, -1).clone(), v0.expand(n, -1).clone()
     for t in range(steps):
         theta, m_ref, v_ref, step = ctx.flat_state(t)
-        grads = ctx.grads(t)
-        ref = _paper_gamma(ctx, grads[t], theta, m_ref, v_ref, step)
-        g = grads[sigma[:, t]]
+        ref = _paper_gamma(ctx, ctx.cache.own_grad(t), theta, m_ref, v_ref, step)
+        g = ctx.batch_grads(t, sigma[:, t])
         if curvature == "eig-mixed":
             vals, vecs = ctx.cache.eigen(t, "window")
             g = g + ((delta @ vecs.t()) * vals) @ vecs
@@ -247,6 +274,9 @@ def estimate(ctx: EstimationContext, orders: Sequence[Sequence[int]], method: st
     [n, d] temporaries outgrow what memory bandwidth rewards)."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if ctx.stride > 1 and method not in STRIDED_METHODS:
+        raise ValueError(f"method {method!r} reads g(θ_t, B_j) at every checkpoint, but this cache is read at one "
+                         f"checkpoint in {ctx.stride}; use one of {', '.join(STRIDED_METHODS)}")
     sigma = torch.tensor([validate_order(o, ctx.T, permutation=False) for o in orders], dtype=torch.long)
     start = time.perf_counter()
     losses, deviations, bad_step = [], [], [None] * len(sigma)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .data import Prepared
 from .training import Trainer, sequence_losses
 

@@ -1,32 +1,30 @@
 """The retraining oracle and the ground-truth stage.
 
 `Oracle.retrain(order)` replays the window from the stored window-start state through `run_window`, the code
-path of the reference run. The ground truth retrains a seeded set of orders in worker processes (in its own
-process when one order is left or `groundtruth.workers` is 1); each order's result is written atomically to
-its own file with the reference hash, so an interrupted stage resumes with the orders still missing and never
-reads a half-written one. Workers die with the stage's process (Linux), so a killed stage leaves no retrain
-running.
+path of the reference run. The ground truth retrains a seeded set of orders, spread over `groundtruth.workers`
+torch.distributed ranks (fut/distributed.py; in its own process when one order is left or workers is 1);
+each order's result is written atomically to its own file with the reference hash, so an interrupted stage
+resumes with the orders still missing and never reads a half-written one. The ranks die with the stage's
+process (Linux), so a killed stage leaves no retrain running.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
-import ctypes
 import logging
-import multiprocessing
-import os
-import signal
-import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from .config import Params
+from . import config
+from .config import Params, to_yaml
 from .data import Prepared, load_prepared
 from .device import configure_threads, describe_device, resolve_device
 from .evaluation import eval_losses, ppl, window_batch_losses
+from .distributed import launch, process_group
 from .orders import validate_order
 from .reference import load_checkpoint, reference_hash, trajectory_key
 from .storage import atomic_write_json, read_json, remove_temporaries
@@ -71,30 +69,6 @@ class Oracle:
                 "eval_every": eval_every}
 
 
-_worker: Oracle | None = None
-
-
-def die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this worker when its parent (pid `parent`) dies: a killed stage must not leave
-    workers retraining (or holding a GPU) in the background. A parent that died before the request was made
-    (while this worker was still starting) is caught by checking it is still our parent. Elsewhere a no-op."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _init_worker(params: Params, data_dir: Path, ref_dir: Path, parent: int) -> None:
-    global _worker
-    die_with_parent(parent)
-    _worker = Oracle(params, data_dir, ref_dir)
-
-
-def _retrain_in_worker(name: str, order: list[int], eval_every: int) -> tuple[str, dict]:
-    return name, _worker.retrain(order, eval_every)
-
-
 def result_path(out_dir: Path, name: str) -> Path:
     return Path(out_dir) / f"{name}.json"
 
@@ -112,36 +86,69 @@ def is_complete(path: Path, order: list[int], key: str, expected: dict | None = 
             and all(r.get(k) == v for k, v in (expected or {}).items()))
 
 
+def _readout(kind: str, eval_every: int):
+    """What a retrain records: `trajectory` (Oracle.retrain, the ground truth) or `sequences` (the applications'
+    readouts, with every eval sequence's loss)."""
+    if kind == "trajectory":
+        return lambda oracle, order: oracle.retrain(order, eval_every)
+    from .applications import retrain_readouts   # applications builds on this module
+
+    return retrain_readouts
+
+
+def retrain_all(params: Params, orders: dict[str, list[int]], data_dir: Path, ref_dir: Path, out_dir: Path,
+                workers: int, readout: str = "trajectory", eval_every: int = 0, desc: str = "retrain",
+                progress: bool = True) -> dict[str, dict]:
+    """Retrain every named order not already stored in `out_dir` (for this reference run); returns all results
+    by name. As a torchrun rank, this rank's share; otherwise in this process, or in `workers` torchrun ranks
+    launched for it when more than one order is left (a rank costs an interpreter start). `out_dir` exists
+    afterwards even when there was nothing to retrain (it is a DVC output)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = trajectory_key(params, load_prepared(data_dir, params), ref_dir)
+    expected = {"eval_every": eval_every} if readout == "trajectory" else {}
+    with process_group() as ranks:
+        if ranks.is_main:
+            remove_temporaries(out_dir)
+        ranks.barrier()
+        todo = {n: o for n, o in orders.items() if not is_complete(result_path(out_dir, n), o, key, expected)}
+        ranks.barrier()   # every rank has its list before any rank writes a result
+        if ranks.is_main:
+            log.info("%s: %d of %d orders already stored, %d to retrain", desc, len(orders) - len(todo), len(orders),
+                     len(todo))
+            stale = [n for n in todo if result_path(out_dir, n).exists()]
+            if stale:
+                log.warning("stored results of %s are unreadable or from another run; retraining them", ", ".join(stale))
+        if ranks.world == 1 and workers > 1 and len(todo) > 1:
+            with tempfile.TemporaryDirectory(prefix="fut-retrain-") as tmp:
+                job = Path(tmp) / "job.json"
+                atomic_write_json(job, {"params": to_yaml(params), "orders": todo, "data_dir": str(data_dir),
+                                        "ref_dir": str(ref_dir), "out_dir": str(out_dir), "readout": readout,
+                                        "eval_every": eval_every, "desc": desc})
+                launch(["retrain-job", str(job)], min(workers, len(todo)), desc)
+        elif todo:
+            oracle, retrain = Oracle(params, data_dir, ref_dir), _readout(readout, eval_every)
+            mine = ranks.mine(list(todo), [1.0] * len(todo))
+            bar_desc = desc if ranks.world == 1 else f"{desc} rank {ranks.rank}/{ranks.world}"
+            for name in tqdm(mine, desc=bar_desc, position=ranks.rank, disable=not progress):
+                atomic_write_json(result_path(out_dir, name), {"name": name, **retrain(oracle, todo[name])})
+            ranks.barrier()
+    return {n: read_json(result_path(out_dir, n)) for n in orders}
+
+
+def run_retrain_job(job_file: Path) -> None:
+    """A torchrun rank's part of `retrain_all`'s launch (`python -m fut retrain-job JOB`)."""
+    job = read_json(job_file)
+    params = config.from_dict(yaml.safe_load(job["params"]))
+    retrain_all(params, job["orders"], Path(job["data_dir"]), Path(job["ref_dir"]), Path(job["out_dir"]), 1,
+                job["readout"], job["eval_every"], job["desc"])
+
+
 def run_groundtruth(params: Params, orders: dict[str, list[int]], data_dir: Path, ref_dir: Path, out_dir: Path,
                     eval_every: int, workers: int, progress: bool = True) -> dict[str, dict]:
-    """Retrain every order not already stored; returns all results by order name."""
-    prepared = load_prepared(data_dir, params)
-    key = trajectory_key(params, prepared, ref_dir)
-    remove_temporaries(out_dir)
-    todo = {n: o for n, o in orders.items()
-            if not is_complete(result_path(out_dir, n), o, key, {"eval_every": eval_every})}
-    log.info("ground truth: %d of %d orders already stored, %d to retrain", len(orders) - len(todo), len(orders),
-             len(todo))
-    stale = [n for n in todo if result_path(out_dir, n).exists()]
-    if stale:
-        log.warning("stored results of %s are unreadable or from another run; retraining them", ", ".join(stale))
-    bar = tqdm(total=len(orders), initial=len(orders) - len(todo), desc="ground truth", disable=not progress)
-    if len(todo) == 1 or (todo and workers == 1):   # a worker process costs an interpreter start: only in parallel
-        oracle = Oracle(params, data_dir, ref_dir)
-        for name, order in todo.items():
-            atomic_write_json(result_path(out_dir, name), {"name": name, **oracle.retrain(order, eval_every)})
-            bar.update()
-    elif todo:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
-                                    initargs=(params, data_dir, ref_dir, os.getpid())) as pool:
-            futures = [pool.submit(_retrain_in_worker, n, o, eval_every) for n, o in todo.items()]
-            for fut in cf.as_completed(futures):
-                name, result = fut.result()
-                atomic_write_json(result_path(out_dir, name), {"name": name, **result})
-                bar.update()
-    bar.close()
-    return {n: read_json(result_path(out_dir, n)) for n in orders}
+    """Retrain every order not already stored (its eval loss every `eval_every` steps); all results by name."""
+    return retrain_all(params, orders, data_dir, ref_dir, out_dir, workers, "trajectory", eval_every,
+                       "ground truth", progress)
 
 
 def noise_floor(oracle: Oracle, seed: int = 0) -> dict:

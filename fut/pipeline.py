@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from . import config, corpus, data, estimators
-from .cache import CacheBuilder, UpdateCache
+from .cache import UpdateCache, build_cache
 from .device import resolve_device
 from .estimators import EstimationContext
 from .validation import accuracy
 from .evaluation import ppl
 from .groundtruth import Oracle, noise_floor, run_groundtruth
 from .orders import groundtruth_orders
+from .plan import cache_plan, check_disk, with_time
+from .plan import describe as describe_plan
 from .reference import checkpoint_path, load_checkpoint, run_reference, states_equal
 from .storage import atomic_write_json, read_json
 
@@ -90,13 +92,22 @@ def groundtruth(params: config.Params, data_dir: Path, ref_dir: Path, out_dir: P
 
 
 def cache(params: config.Params, data_dir: Path, ref_dir: Path, cache_dir: Path) -> dict:
-    """Build (or resume) the update cache; returns its cost and storage."""
+    """Plan the update cache (refused before any work when the disk cannot hold it), build or resume it;
+    returns the plan, its cost and storage."""
     prepared = data.load_prepared(data_dir, params)
-    built = CacheBuilder(params, prepared, ref_dir, cache_dir).build()
+    plan = cache_plan(params, prepared, cache_dir)
+    check_disk(plan, cache_dir)
+    plan = with_time(plan, params, prepared)
+    print(describe_plan(plan))
+    start = time.perf_counter()
+    built = build_cache(params, data_dir, ref_dir, cache_dir)
+    wall = time.perf_counter() - start
     store = UpdateCache(params, prepared, ref_dir, cache_dir)
     c = params.cache
-    metrics = {**built, **store.build_cost(), "bytes": store.bytes(), "projection": c.projection, "k": c.k, "dtype": c.dtype,
-               "curvature_rank": c.curvature_rank, "curvature_stride": c.curvature_stride}
+    cost = store.build_cost()
+    metrics = {**built, **cost, "bytes": store.bytes(), "projection": c.projection, "k": c.k, "dtype": c.dtype,
+               "curvature_rank": c.curvature_rank, "curvature_stride": c.curvature_stride,
+               "checkpoint_stride": c.checkpoint_stride, "plan": plan, "wall_seconds": wall}
     atomic_write_json(Path(cache_dir) / "stats.json", metrics)
     return metrics
 

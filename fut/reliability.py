@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,14 +84,10 @@ def tiny_params(params_file: Path, text_dir: Path) -> dict:
                       num_key_value_heads=2)
     p["warmstart"].update(steps=10, batch_size=4)
     p["window"].update(steps=6, batch_size=2)
-    p["groundtruth"].update(n_random=2, workers=2, eval_every=2)
-    p["cache"].update(k=64, curvature_rank=2, curvature_iterations=4, curvature_batch=2)
+    p["groundtruth"].update(n_random=2, workers=1, eval_every=2)
+    p["cache"].update(k=64, curvature_rank=2, curvature_iterations=4, curvature_batch=2, workers=1)
     p["estimate"].update(bootstrap=50, trajectory_orders=1)
     return p
-
-
-def params_yaml(params: Params) -> str:
-    return yaml.safe_dump(dataclasses.asdict(params), sort_keys=False)
 
 
 # --- runs and their comparison ----------------------------------------------------------------------------
@@ -142,7 +139,8 @@ def full_run(params: Params, root: Path) -> Run:
 # Values that measure a run rather than its result: timings (and what is derived from them, like the size of
 # a header that records a timing), and how many units a resumed run found done.
 MEASURED = ("seconds", "speedup", "break_even", "peak_", "overhead")
-RUN_FACTS = {"build", "resumed_from_step", "shards_built", "shards_reused", "total_file_bytes"}
+RUN_FACTS = {"build", "workers", "free_bytes", "missing_bytes", "resumed_from_step", "files_built", "files_reused",
+             "total_file_bytes"}
 
 
 def result_only(obj):
@@ -202,20 +200,35 @@ def _verdict(diffs: list[str]) -> str:
     return f"; differences: {'; '.join(diffs)}" if diffs else "; rerun identical to the uninterrupted run"
 
 
-def _kill_self(children_file: str) -> None:
-    """Record this process's children (for the check that they die with it), then SIGKILL this process."""
+def _descendants(pid: int) -> list[int]:
     kids = []
-    for task in Path("/proc/self/task").iterdir():
-        kids += (task / "children").read_text().split()
-    Path(children_file).write_text(" ".join(kids))
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _kill_self(children_file: str) -> None:
+    """Record this process's descendants (torchrun's agent and ranks included: the check is that they die with
+    it), then SIGKILL this process."""
+    Path(children_file).write_text(" ".join(map(str, _descendants(os.getpid()))))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def drive(run: Run, stage: str, pattern: str, k: int, during: bool, children_file: str) -> None:
     """Process entry of a kill scenario: run `stage`, dying at the k-th commit of a file matching `pattern` (a
-    path under the stage folder): before its rename (`during`) or just after it."""
+    path under the stage folder): before its rename (`during`) or just after it. Files that torchrun ranks
+    write are watched for instead (their renames happen in other processes): the kill follows the k-th."""
     real_replace, seen = os.replace, 0
     stage_dir = run.dirs[stage]
+
+    def watch() -> None:
+        while sum(fnmatch.fnmatch(p.relative_to(stage_dir).as_posix(), pattern) for p in stage_dir.rglob("*")) < k:
+            time.sleep(0.01)
+        _kill_self(children_file)
+
+    if stage == "cache" and run.params.cache.workers > 1:
+        threading.Thread(target=watch, daemon=True).start()
 
     def replace(src, dst):
         nonlocal seen
@@ -251,22 +264,27 @@ def _alive(pid: int) -> bool:
 
 @dataclass(frozen=True)
 class Kill:
-    """SIGKILL `stage` at the k-th commit of a file matching `unit`, while it is written or just after."""
+    """SIGKILL `stage` at the k-th commit of a file matching `unit`, while it is written or just after; with
+    `workers` > 1 the cache is built by that many torchrun ranks (and the rerun by one process)."""
     stage: str
     unit: str
     k: int
     during: bool
+    workers: int = 1
 
     @property
     def name(self) -> str:
-        return f"{self.stage}: SIGKILL {'while writing' if self.during else 'after'} {self.unit} #{self.k}, rerun"
+        ranks = f" by {self.workers} torchrun ranks" if self.workers > 1 else ""
+        return f"{self.stage}{ranks}: SIGKILL {'while writing' if self.during else 'after'} {self.unit} #{self.k}, rerun"
 
     def run(self, baseline: Run, folder: Path) -> FaultResult:
         folder.mkdir(parents=True, exist_ok=True)
         run = baseline.with_fresh(self.stage, folder)
+        killed = Run(dataclasses.replace(run.params, cache=dataclasses.replace(run.params.cache, workers=self.workers)),
+                     run.dirs)
         children = folder / "children.txt"
         proc = _forkserver().Process(target=drive,
-                                     args=(run, self.stage, self.unit, self.k, self.during, str(children)))
+                                     args=(killed, self.stage, self.unit, self.k, self.during, str(children)))
         proc.start()
         proc.join(timeout=600)
         if proc.exitcode != -signal.SIGKILL:
@@ -345,7 +363,7 @@ class Corrupt:
             elif self.stage == "cache":
                 store = UpdateCache(run.params, prepared, run.dirs["reference"], run.dirs["cache"])
                 for name in read_header(path)[2]:
-                    store.tensor(int(path.stem.split("_")[1]), name)
+                    store.read(path, name)
             else:   # a ground-truth result is never read unless complete: an incomplete one is retrained
                 key = trajectory_key(run.params, prepared, run.dirs["reference"])
                 if not is_complete(path, read_json(intact)["order"], key):
@@ -414,7 +432,7 @@ def _non_finite_checkpoint_in_cache(baseline: Run, folder: Path) -> tuple[bool, 
     state.theta[name] = _with_bad_value(state.theta[name], math.nan)
     save_checkpoint(ref, 2, state, h, {k: v for k, v in meta.items() if k in ("train_loss", "eval_loss")})
     ok, message = _stops(lambda: pipeline.cache(params, baseline.dirs["prepare"], ref, folder / "cache"),
-                         "cache shard 2", "tensor 'grad'")
+                         "cache file shard_0002.safetensors", "tensor 'grad'")
     return ok and not shard_path(folder / "cache", 2).exists(), message
 
 
@@ -447,20 +465,22 @@ class NonFinite:
 
 
 # The tiny run has T = 6 window steps (checkpoints step_0000..step_0006, shards shard_0000..shard_0006, an
-# eigenspace at every 4th checkpoint) and 8 ground-truth orders.
+# eigenspace per curvature group at checkpoints 0 and 4: curvature_<group>_0000/_0004) and 8 ground-truth orders.
 FAULTS = [
     Kill("reference", "trajectory/step_*.safetensors", 1, during=True),     # just after the warm start
     Kill("reference", "trajectory/step_*.safetensors", 3, during=False),
     Kill("reference", "trajectory/step_*.safetensors", 7, during=False),    # before the summary
-    Kill("groundtruth", "orders/*.json", 1, during=False),                  # while the other worker starts
+    Kill("groundtruth", "orders/*.json", 1, during=False),
     Kill("groundtruth", "orders/*.json", 8, during=True),
     Kill("groundtruth", "orders/*.json", 8, during=False),                  # before results and noise floor
     Kill("cache", "shard_*.safetensors", 1, during=True),
-    Kill("cache", "shard_*.safetensors", 3, during=False),   # shard 4 must continue Lanczos from shard 0's vectors
-    Kill("cache", "shard_*.safetensors", 7, during=False),                  # before stats.json
+    Kill("cache", "shard_*.safetensors", 7, during=False),                  # before the curvature files
+    Kill("cache", "curvature_*.safetensors", 1, during=False),   # the next checkpoint's Lanczos starts from it
+    Kill("cache", "manifest.json", 1, during=True),                         # the cache must not read as complete
+    Kill("cache", "*.safetensors", 5, during=False, workers=2),             # the ranks must die with the stage
     Corrupt("reference", "trajectory/step_0003.safetensors", "flip", "theta.model.norm.weight"),
     Corrupt("cache", "shard_0002.safetensors", "flip", "grad"),
-    Corrupt("cache", "shard_0004.safetensors", "reshape", "eig_vectors.window"),
+    Corrupt("cache", "curvature_window_0004.safetensors", "reshape", "eig_vectors"),
     Corrupt("cache", "shard_0005.safetensors", "truncate"),
     Corrupt("groundtruth", "orders/reversed.json", "truncate"),
     NonFinite("training: an inf in the start state stops the retrain at window step 1, naming the parameter",
@@ -517,7 +537,7 @@ def _retrain_with_params(edit: Callable[[dict], None]):
 
 def _retrain_with_orders(text: str | None):
     def setup(run: Run, folder: Path):
-        (folder / "params.yaml").write_text(params_yaml(run.params))
+        (folder / "params.yaml").write_text(config.to_yaml(run.params))
         if text is not None:
             (folder / "orders.txt").write_text(text)
         return lambda: _cli("retrain", "--params", str(folder / "params.yaml"), "--orders", str(folder / "orders.txt"),
@@ -653,7 +673,7 @@ BAD_INPUTS = [
              "params: train.precision = 'bf16' needs a CUDA device", _bf16_without_gpu),
     BadInput("disk: too little free space for the reference trajectory", "the reference trajectory (7 checkpoints",
              _small_disk("reference")),
-    BadInput("disk: too little free space for the cache", "the cache (7 shards to build) needs about",
+    BadInput("disk: too little free space for the cache", "is free on its disk; free space, move cache_dir",
              _small_disk("cache")),
     BadInput("cache: built with another projection size", "projection [metadata 'projector' is",
              _open_cache(_set("cache", k=32))),

@@ -86,7 +86,7 @@ def versions() -> dict[str, str]:
             "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__}
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
     return next(f"{n / f:.1f} {unit}" for f, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
                 if n >= f or f == 1)
 
@@ -98,8 +98,8 @@ def require_free_space(folder: Path, needed: int, what: str) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise InsufficientDisk(f"{folder}: {what} needs about {_size(needed)} ({needed} bytes) but only "
-                               f"{_size(free)} ({free} bytes) is free on its disk; free space or move the folder to a "
+        raise InsufficientDisk(f"{folder}: {what} needs about {format_bytes(needed)} ({needed} bytes) but only "
+                               f"{format_bytes(free)} ({free} bytes) is free on its disk; free space or move the folder to a "
                                "larger disk")
 
 

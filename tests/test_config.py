@@ -29,6 +29,9 @@ def test_default_params_load():
     (("warmstart", "enabled"), "yes", "warmstart.enabled = 'yes'"),
     (("cache", "curvature"), ["domain", "domain"], "cache.curvature = ['domain', 'domain']"),
     (("cache", "curvature"), ["per-token"], "cache.curvature[0] = 'per-token'"),
+    (("cache", "workers"), 0, "cache.workers = 0"),
+    (("cache", "checkpoint_stride"), 0, "cache.checkpoint_stride = 0"),
+    (("cache", "checkpoint_stride"), 2, "estimate.methods[1] = 'fut'"),   # the paper's method needs every checkpoint
     (("curriculum", "population"), 1, "curriculum.population = 1"),
     (("curriculum", "elite"), 4, "curriculum.elite = 4"),
     (("curriculum", "mutation"), 1.5, "curriculum.mutation = 1.5"),

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fut import pipeline
-from fut.cache import CacheBuilder, UpdateCache, curvature_batches, shard_path
+from fut.cache import (MANIFEST, CacheBuilder, UpdateCache, cache_files, curvature_batches, curvature_steps,
+                       shard_path)
 from fut.config import METHODS
 from fut.curvature import lanczos_top_eigen
 from fut.estimators import EstimationContext, estimate
@@ -114,18 +115,24 @@ def test_cache_resumes_and_refuses_foreign_or_broken_shards(tiny, tmp_path, para
     prepared = data.load_prepared(data_dir, params)
     builder = CacheBuilder(params, prepared, ref_dir, tmp_path)
     built = builder.build(progress=False)
-    assert (built["shards_built"], built["shards_reused"]) == (params.window.steps + 1, 0)
+    n_files = len(cache_files(params, builder.layout.dim, list(builder.curvature), tmp_path))
+    assert n_files == params.window.steps + 1 + len(builder.curvature) * len(curvature_steps(params))
+    assert (built["files_built"], built["files_reused"]) == (n_files, 0)
     grads = UpdateCache(params, prepared, ref_dir, tmp_path).grads(3).clone()
     shard_path(tmp_path, 3).unlink()          # a new file under the name, as a torn copy would leave
     shard_path(tmp_path, 3).write_bytes(b"truncated")
     built = builder.build(progress=False)
-    assert (built["shards_built"], built["shards_reused"]) == (1, params.window.steps)
+    assert (built["files_built"], built["files_reused"]) == (1, n_files - 1)
     assert torch.equal(UpdateCache(params, prepared, ref_dir, tmp_path).grads(3), grads)
     params_dict["cache"]["k"] = 32
     with pytest.raises(ArtefactMismatch, match=r"projection \[metadata 'projector'"):
         UpdateCache(config.from_dict(params_dict), prepared, ref_dir, tmp_path)
     shard_path(tmp_path, 2).unlink()
     with pytest.raises(FileNotFoundError, match="cache is incomplete"):
+        UpdateCache(params, prepared, ref_dir, tmp_path)
+    builder.build(progress=False)
+    (tmp_path / MANIFEST).unlink()            # files all there, but the build never said it finished
+    with pytest.raises(FileNotFoundError, match="build did not finish"):
         UpdateCache(params, prepared, ref_dir, tmp_path)
 
 
@@ -137,3 +144,26 @@ def test_estimates_along_the_steps_end_at_the_final_estimate(ctx):
     final = estimate(ctx, [order], "fut-state:secant")
     assert set(along) == {2, ctx.T}
     assert along[ctx.T] == float(final.eval_loss[0]) and torch.equal(delta, final.deviation[0])
+
+
+def test_a_strided_cache_gives_what_reading_a_full_one_strided_gives(ctx, tiny, tmp_path, params_dict):
+    params, data_dir, ref_dir, _ = tiny
+    from fut import config
+
+    params_dict["cache"]["checkpoint_stride"] = 2
+    params_dict["estimate"]["methods"] = ["naive", "fut-state:eig"]
+    params_dict["memorization"]["methods"] = []
+    params_dict["sweep"]["methods"] = ["fut-state:eig"]
+    strided = config.from_dict(params_dict)
+    metrics = pipeline.cache(strided, data_dir, ref_dir, tmp_path)
+    assert metrics["pairs"] == 4 * ctx.T + 3        # checkpoints 0, 2, 4, 6 hold all pairs; 1, 3, 5 their own
+    sparse = EstimationContext(strided, data_dir, ref_dir, tmp_path)
+    read_strided = EstimationContext(params, data_dir, ref_dir, ctx.cache.cache_dir, checkpoint_stride=2)
+    orders = [list(range(ctx.T)), list(reversed(range(ctx.T)))]
+    a, b = estimate(sparse, orders, "fut-state:eig"), estimate(read_strided, orders, "fut-state:eig")
+    assert torch.equal(a.deviation, b.deviation) and torch.equal(a.eval_loss, b.eval_loss)
+    assert not a.deviation[0].any()                  # the identity order is still the reference exactly
+    truth = ctx.layout.flatten(Oracle(params, data_dir, ref_dir).retrain_trainer(orders[1]).state().theta)
+    assert (ctx.theta_T + a.deviation[1] - truth).norm() < 0.5 * (ctx.theta_T - truth).norm()
+    with pytest.raises(ValueError, match="one checkpoint in 2; use one of naive"):
+        estimate(sparse, orders, "fut")

@@ -24,7 +24,7 @@ def test_comparison_sees_a_changed_value_but_not_a_timing(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for folder, value, seconds in ((a, 1.0, 0.1), (b, 1.0, 0.2)):
         save_tensors(folder / "x.safetensors", {"w": torch.full((3,), value)}, {"t": 0, "build": {"seconds": seconds}})
-        atomic_write_json(folder / "m.json", {"loss": value, "seconds": seconds, "shards_reused": 1})
+        atomic_write_json(folder / "m.json", {"loss": value, "seconds": seconds, "files_reused": 1})
     assert reliability.folder_differences(a, b) == []
     save_tensors(b / "x.safetensors", {"w": torch.tensor([1.0, 1.0, 1.0 + 2 ** -20])}, {"t": 0, "build": {}})
     atomic_write_json(b / "m.json", {"loss": 1.0 + 2 ** -40})

@@ -1,0 +1,105 @@
+"""What a cache build will cost, before it starts: `python -m fut plan` and the cache stage's first step.
+
+Counts are exact (they follow from the params): the files and bytes the cache will hold, the gradient
+evaluations of its pairs, own gradients and eval gradients, and the Hessian-vector products of its Lanczos
+runs. The time is an estimate: one gradient and one Hessian-vector product of this model are timed on random
+tokens of the window batch's shape, on this machine's device, and scaled by those counts (the projection and
+checkpoint reads, about a fifth more, are not counted); divided over `cache.workers` ranks.
+"""
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .cache import cache_files, curvature_batches, curvature_steps, has_pairs
+from .config import Params
+from .curvature import LossFunction
+from .data import Prepared
+from .device import configure_threads
+from .flat import ParamLayout
+from .model import build_model, count_parameters
+from .storage import InsufficientDisk, format_bytes
+
+
+def _median_seconds(fn, repeat: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_units(params: Params, vocab_size: int) -> dict[str, float]:
+    """Seconds of one gradient and one Hessian-vector product on a window batch (random tokens, CPU)."""
+    configure_threads(params.train)
+    model = build_model(params.model, vocab_size, params.data.seq_len, 0)
+    layout = ParamLayout.of({k: v.detach() for k, v in model.named_parameters()})
+    loss = LossFunction(model, layout)
+    theta = layout.flatten({k: v.detach() for k, v in model.named_parameters()})
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(vocab_size, (params.window.batch_size, params.data.seq_len), generator=gen)
+    vec = torch.randn(1, layout.dim, generator=gen)
+    return {"grad_seconds": _median_seconds(lambda: loss.grad(theta, batch)),
+            "hvp_seconds": _median_seconds(lambda: loss.hvp(theta, batch, vec))}
+
+
+def cache_plan(params: Params, prepared: Prepared, cache_dir: Path) -> dict:
+    """The cache's size and work for these params, what is already on disk, and the disk's free space."""
+    c, T, b = params.cache, params.window.steps, params.window.batch_size
+    dim = count_parameters(params.model, prepared.vocab_size, params.data.seq_len)
+    groups = list(curvature_batches(prepared, c.curvature_batch, c.curvature))
+    files = cache_files(params, dim, groups, Path(cache_dir))
+    pairs = sum(T if has_pairs(params, t) else 0 for t in range(T + 1))
+    own = sum(1 for t in range(T) if not has_pairs(params, t))
+    eval_batches = prepared.eval_mixed.shape[0] / b
+    hvps = len(groups) * len(curvature_steps(params)) * c.curvature_iterations
+    plan = {"params": dim, "files": len(files), "bytes": sum(n for _, n in files),
+            "missing_bytes": sum(n for path, n in files if not path.exists()),
+            "pair_gradients": pairs, "own_gradients": own, "eval_gradients": T + 1,
+            "hessian_vector_products": hvps, "workers": c.workers,
+            "free_bytes": shutil.disk_usage(_existing(Path(cache_dir))).free,
+            "window_batch_equivalents": {"gradients": pairs + own + (T + 1) * eval_batches,
+                                         "hessian_vector_products": hvps * c.curvature_batch / b}}
+    return plan
+
+
+def with_time(plan: dict, params: Params, prepared: Prepared) -> dict:
+    """The plan with an estimated build time: its gradients and HVPs (in window-batch equivalents: an eval
+    gradient is over every eval sequence, an HVP over curvature_batch sequences) at the timed unit costs."""
+    unit = time_units(params, prepared.vocab_size)
+    work = plan["window_batch_equivalents"]
+    serial = unit["grad_seconds"] * work["gradients"] + unit["hvp_seconds"] * work["hessian_vector_products"]
+    return {**plan, **unit, "estimated_seconds": serial / plan["workers"]}
+
+
+def _existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_disk(plan: dict, cache_dir: Path) -> None:
+    """Refuse a build whose missing files the disk cannot hold, before any work."""
+    if plan["missing_bytes"] > plan["free_bytes"]:
+        raise InsufficientDisk(f"{cache_dir}: the cache needs {format_bytes(plan['missing_bytes'])} more "
+                               f"({plan['missing_bytes']} bytes) but only {format_bytes(plan['free_bytes'])} is free on "
+                               "its disk; free space, move cache_dir to a larger disk, or shrink the cache "
+                               "(cache.checkpoint_stride, cache.dtype, window.steps)")
+
+
+def describe(plan: dict) -> str:
+    lines = [f"cache plan: {plan['files']} files, {format_bytes(plan['bytes'])} ({format_bytes(plan['missing_bytes'])} still to "
+             f"write, {format_bytes(plan['free_bytes'])} free)",
+             f"  {plan['pair_gradients']} pair gradients + {plan['own_gradients']} own + {plan['eval_gradients']} "
+             f"eval gradients, {plan['hessian_vector_products']} Hessian-vector products, {plan['workers']} worker(s)"]
+    if "estimated_seconds" in plan:
+        lines.append(f"  estimated {plan['estimated_seconds']:.0f} s (gradient {plan['grad_seconds'] * 1e3:.1f} ms, "
+                     f"HVP {plan['hvp_seconds'] * 1e3:.1f} ms on a window batch here)")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""Work shared over torch.distributed ranks: the assignment, and real 2-process torchrun runs (gloo on the CPU)
+that must build exactly what one process builds."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fut.cache import MANIFEST, UpdateCache, build_cache
+from fut.data import load_prepared
+from fut.distributed import assign
+from fut.groundtruth import retrain_all
+from fut.storage import load_tensors, read_json
+
+
+@pytest.mark.parametrize("costs, world", [([5, 1, 1, 1, 1, 1], 2), ([3, 3, 2, 2, 2], 2), ([1] * 7, 3), ([4, 2], 4)])
+def test_assignment_covers_every_unit_once_and_balances_load(costs, world):
+    shares = assign(costs, world)
+    assert sorted(i for s in shares for i in s) == list(range(len(costs)))
+    loads = [sum(costs[i] for i in s) for s in shares]
+    assert max(loads) - min(loads) <= max(costs)   # longest-first greedy: no rank exceeds another by a unit
+    assert assign(costs, world) == shares
+
+
+def test_two_ranks_build_the_cache_one_process_builds(tiny_truth, tmp_path):
+    params, data_dir, ref_dir, one_dir, _ = tiny_truth
+    two = dataclasses.replace(params, cache=dataclasses.replace(params.cache, workers=2))
+    built = build_cache(two, data_dir, ref_dir, tmp_path, progress=False)
+    assert built["workers"] == 2 and built["files_reused"] == 0
+    files = sorted(p.name for p in one_dir.glob("*.safetensors"))
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == files
+    for name in files:
+        a, meta_a = load_tensors(one_dir / name)
+        b, meta_b = load_tensors(tmp_path / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert {k: v for k, v in meta_a.items() if k != "build"} == {k: v for k, v in meta_b.items() if k != "build"}
+    assert read_json(tmp_path / MANIFEST)["files"] == read_json(one_dir / MANIFEST)["files"]
+    UpdateCache(params, load_prepared(data_dir, params), ref_dir, tmp_path)   # the one-worker params read it too
+
+
+def test_two_ranks_retrain_what_one_process_retrains(tiny_truth, tmp_path):
+    params, data_dir, ref_dir, _, gt_dir = tiny_truth
+    assert params.groundtruth.workers == 1   # the stored truth was retrained in one process
+    stored = read_json(gt_dir / "results.json")
+    orders = {n: r["order"] for n, r in list(stored.items())[:3]}
+    results = retrain_all(params, orders, data_dir, ref_dir, tmp_path, workers=2,
+                          eval_every=params.groundtruth.eval_every, progress=False)
+    for name in orders:
+        assert results[name]["eval_loss"] == stored[name]["eval_loss"]
+        assert results[name]["batch_losses"] == stored[name]["batch_losses"]
