@@ -116,16 +116,16 @@ class EstimationContext:
     def batch_grads(self, t: int, batches: torch.Tensor) -> torch.Tensor:
         """g(θ_t, B_j) for each j in `batches` [n, d]: stored at a cached checkpoint, else expanded around the
         nearest cached one c ≤ t with its eigenspace (exact for the reference's own batch B_t)."""
-        if t % self.stride == 0:
-            return self.grads(t)[batches]
         c = t - t % self.stride
         g = self.grads(c)[batches].clone()
-        moved = self.flat_state(t)[0] - self.flat_state(c)[0]
-        groups = [batch_group(self.prepared, j) if "domain" in self.params.cache.curvature else "window"
-                  for j in batches.tolist()]
-        for group in sorted(set(groups)):
-            vals, vecs = self.cache.eigen(c, group)
-            g[torch.tensor([x == group for x in groups])] += ((vecs @ moved) * vals) @ vecs
+        if c < t:
+            moved = self.flat_state(t)[0] - self.flat_state(c)[0]
+            groups = [batch_group(self.prepared, j) if "domain" in self.params.cache.curvature else "window"
+                      for j in batches.tolist()]
+            for group in sorted(set(groups)):
+                vals, vecs = self.cache.eigen(c, group)
+                g[torch.tensor([x == group for x in groups])] += ((vecs @ moved) * vals) @ vecs
+        # The reference step's own gradient, as the reference step uses it (float32 even in a bfloat16 cache).
         g[batches == t] = self.cache.own_grad(t)
         return g
 

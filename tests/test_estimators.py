@@ -167,3 +167,16 @@ def test_a_strided_cache_gives_what_reading_a_full_one_strided_gives(ctx, tiny, 
     assert (ctx.theta_T + a.deviation[1] - truth).norm() < 0.5 * (ctx.theta_T - truth).norm()
     with pytest.raises(ValueError, match="one checkpoint in 2; use one of naive"):
         estimate(sparse, orders, "fut")
+
+
+def test_a_bfloat16_cache_keeps_the_identity_order_exact(tiny, tmp_path, params_dict):
+    params, data_dir, ref_dir, _ = tiny
+    from fut import config
+
+    params_dict["cache"]["dtype"] = "bfloat16"
+    compact = config.from_dict(params_dict)
+    pipeline.cache(compact, data_dir, ref_dir, tmp_path)
+    ctx = EstimationContext(compact, data_dir, ref_dir, tmp_path)
+    assert ctx.cache.tensor(1, "grad").dtype == torch.bfloat16
+    for method in ("fut-state:eig", "fut-state:none"):
+        assert not estimate(ctx, [list(range(ctx.T))], method).deviation.any()
