@@ -18,6 +18,10 @@ Curvature unit <group>, files curvature_<group>_<t>.safetensors at every `cache.
                       A group's checkpoints are one unit because Lanczos at each starts from the previous one's
                       top eigenvector (neighbouring Hessians are close).
 Every unit's result is the same whichever rank builds it, so any number of ranks builds the same tensors.
+Device and precision: each rank computes on `train.device` (its own GPU under torchrun on CUDA), gradients and
+Hessian-vector products under the training's autocast (`train.precision`: bf16 matmuls on CUDA, as the
+training step), so a cached gradient is the training gradient; Adam terms, Lanczos and projections in float32;
+everything is stored from the CPU.
 Files are written atomically with the cache's provenance (prepared data, tokenizer, reference run and its
 stored trajectory, cache params, projector, dtype, versions) and every tensor's sha256; a rerun skips files
 that are complete, verified and match, so an interrupted build resumes and ends with the same tensors. When
@@ -41,8 +45,8 @@ from .adam import AdamHyper, clip_scale, update_term
 from .config import Params, to_yaml
 from .curvature import LossFunction, lanczos_top_eigen
 from .data import Prepared, load_prepared
-from .device import configure_threads
-from .distributed import Ranks, in_torchrun, launch, process_group
+from .device import autocast, configure_threads, describe_device, resolve_device
+from .distributed import Ranks, in_torchrun, launch, process_group, rank_device
 from .flat import ParamLayout
 from .model import build_model, count_parameters
 from .projection import Projector, make_projector, projector_metadata
@@ -55,7 +59,6 @@ from .training import NonFiniteError, first_non_finite
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICE = "cpu"   # the cache is computed on the CPU (the model is never moved)
 MANIFEST = "manifest.json"
 # Cost of one Hessian-vector product in gradient evaluations of the same batch (double backward; measured
 # 3.5 on this model, benchmarks/estimator_speed.py). Only balances the ranks' shares; `plan` times both.
@@ -200,14 +203,17 @@ class CacheBuilder:
         self.ref_hash = reference_hash(params, prepared)
         start = load_checkpoint(ref_dir, 0, self.ref_hash)
         self.layout = ParamLayout.of(start.theta)
-        model = build_model(params.model, prepared.vocab_size, params.data.seq_len, prepared.eos_id)
+        self.device = rank_device(resolve_device(params.train))
+        model = build_model(params.model, prepared.vocab_size, params.data.seq_len, prepared.eos_id).to(self.device)
         self.loss = LossFunction(model, self.layout)
         c = params.cache
         self.projector: Projector = make_projector(c.projection, self.layout.dim, c.k, c.seed)
         self.hp = AdamHyper.from_config(params.optimizer)
         self.provenance = cache_provenance(params, prepared, ref_dir, self.layout.dim)
         self.meta = {**self.provenance, "versions": versions()}
-        self.curvature = curvature_batches(prepared, c.curvature_batch, c.curvature)
+        self.curvature = {g: b.to(self.device) for g, b in curvature_batches(prepared, c.curvature_batch,
+                                                                              c.curvature).items()}
+        self.window, self.eval_seqs = prepared.window.to(self.device), prepared.eval_mixed.to(self.device)
         self.units = work_units(params, list(self.curvature))
 
     def _expected(self, path: Path) -> tuple[dict, dict[str, list[int]]]:
@@ -226,40 +232,51 @@ class CacheBuilder:
             return False
         return True
 
-    def build_pairs(self, t: int) -> None:
+    def _state(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         state = load_checkpoint(self.ref_dir, t, self.ref_hash)
-        theta = self.layout.flatten(state.theta)
-        m, v = self.layout.flatten(state.m), self.layout.flatten(state.v)
-        T, window = self.params.window.steps, self.prepared.window
+        return (*(self.layout.flatten(x).to(self.device) for x in (state.theta, state.m, state.v)), state.adam_step)
+
+    def _grad(self, theta: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        with autocast(self.params.train, self.device):
+            return self.loss.grad(theta, batch)
+
+    def build_pairs(self, t: int) -> None:
+        theta, m, v, adam_step = self._state(t)
+        T, window = self.params.window.steps, self.window
         t0 = time.perf_counter()
         tensors = {}
         if has_pairs(self.params, t):
-            grads = torch.stack([self.loss.grad(theta, batch) for batch in window])
+            grads = torch.stack([self._grad(theta, batch) for batch in window])
             tensors["grad"] = grads.to(DTYPES[self.params.cache.dtype])
             if t < T:
                 tensors["own_grad"] = grads[t].clone()
         elif t < T:
-            tensors["own_grad"] = self.loss.grad(theta, window[t])
+            tensors["own_grad"] = self._grad(theta, window[t])
         t_pairs = time.perf_counter()
-        eval_grad = self.loss.grad(theta, self.prepared.eval_mixed)
+        eval_grad = self._grad(theta, self.eval_seqs).cpu()
         t1 = time.perf_counter()
         tensors.update({"eval_grad": eval_grad, "proj_eval_grad": self.projector.project(eval_grad)})
         if has_pairs(self.params, t):
             gammas = torch.stack([update_term(theta, g * clip_scale(g.norm(), self.hp.grad_clip), m, v,
-                                              state.adam_step + 1, self.hp)[0] for g in grads])
-            tensors["proj_gamma"] = self.projector.project(gammas)
+                                              adam_step + 1, self.hp)[0] for g in grads])
+            tensors["proj_gamma"] = self.projector.project(gammas.cpu())
         t2 = time.perf_counter()
-        self._save(shard_path(self.cache_dir, t), tensors, t, {"adam_step": state.adam_step, "build": {
+        self._save(shard_path(self.cache_dir, t), tensors, t, {"adam_step": adam_step, "build": {
             "grad_seconds": t_pairs - t0, "eval_grad_seconds": t1 - t_pairs, "projection_seconds": t2 - t1}})
 
     def build_curvature(self, group: str, t: int, start: torch.Tensor | None) -> torch.Tensor:
         """The eigenspace of `group` at checkpoint t, Lanczos seeded with `start`; returns its top vector."""
         c = self.params.cache
-        theta = self.layout.flatten(load_checkpoint(self.ref_dir, t, self.ref_hash).theta)
+        theta = self._state(t)[0]
         batch = self.curvature[group]
+
+        def hvp(x: torch.Tensor) -> torch.Tensor:
+            with autocast(self.params.train, self.device):
+                return self.loss.hvp(theta, batch, x[None])[0]
+
         t0 = time.perf_counter()
-        vals, vecs = lanczos_top_eigen(lambda x: self.loss.hvp(theta, batch, x[None])[0], self.layout.dim,
-                                       c.curvature_rank, c.curvature_iterations, seed=c.seed + t, start=start)
+        vals, vecs = lanczos_top_eigen(hvp, self.layout.dim, c.curvature_rank, c.curvature_iterations,
+                                       seed=c.seed + t, start=start, device=self.device)
         self._save(curvature_path(self.cache_dir, group, t), {"eig_values": vals, "eig_vectors": vecs}, t,
                    {"group": group, "build": {"curvature_seconds": time.perf_counter() - t0}})
         return vecs[0]
@@ -270,7 +287,7 @@ class CacheBuilder:
             raise NonFiniteError(f"cache file {path.name} (reference checkpoint {t}): tensor {bad!r} holds NaN or "
                                  f"inf (cache.dtype = {self.params.cache.dtype!r}); the build stopped before "
                                  "writing it")
-        save_tensors(path, tensors, {**self.meta, "t": t, "device": DEVICE, **extra})
+        save_tensors(path, tensors, {**self.meta, "t": t, "device": describe_device(self.device), **extra})
 
     def run(self, unit: Unit) -> tuple[int, int]:
         """Build the unit's missing files; returns (files built, files reused)."""
@@ -308,7 +325,8 @@ class CacheBuilder:
         for unit in tqdm(mine, desc=desc, position=ranks.rank, disable=not progress):
             counts = [a + b for a, b in zip(counts, self.run(unit))]
         counts = [sum(c) for c in zip(*ranks.gather(counts))]   # also waits for every rank's share
-        built = {"files_built": counts[0], "files_reused": counts[1], "device": DEVICE, "workers": ranks.world,
+        built = {"files_built": counts[0], "files_reused": counts[1], "device": describe_device(self.device),
+                 "workers": ranks.world,
                  "projector": self.projector.metadata()}
         if ranks.is_main:
             files = sorted(p.name for u in self.units for p in unit_files(self.params, self.cache_dir, u))

@@ -33,11 +33,12 @@ class LossFunction:
 
 
 def lanczos_top_eigen(matvec, dim: int, rank: int, iterations: int, seed: int,
-                      start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      start: torch.Tensor | None = None, device: torch.device | str = "cpu"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`rank` eigenpairs (largest |λ|) of a symmetric operator by Lanczos with full reorthogonalisation.
     Returns (values [rank], vectors [rank, dim]). `start` (e.g. the previous checkpoint's top vector) seeds it."""
-    gen = torch.Generator().manual_seed(seed)
-    q = start.clone() if start is not None else torch.randn(dim, generator=gen)
+    gen = torch.Generator().manual_seed(seed)   # on the CPU: the same start vector on every device
+    q = (start.clone() if start is not None else torch.randn(dim, generator=gen)).to(device)
     q = q / q.norm()
     basis, alphas, betas = [q], [], []
     for i in range(iterations):
@@ -57,7 +58,7 @@ def lanczos_top_eigen(matvec, dim: int, rank: int, iterations: int, seed: int,
     if k > 1:
         off = torch.stack(betas[: k - 1])
         tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
-    vals, vecs = torch.linalg.eigh(tri.double())
+    vals, vecs = torch.linalg.eigh(tri.double().cpu())
     order = vals.abs().argsort(descending=True)[:rank]
-    ritz = (vecs[:, order].float().t() @ torch.stack(basis[:k]))
-    return vals[order].float(), ritz
+    ritz = vecs[:, order].float().t().to(q.device) @ torch.stack(basis[:k])
+    return vals[order].float(), ritz.cpu()

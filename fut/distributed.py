@@ -87,7 +87,10 @@ def process_group() -> Iterator[Ranks]:
         yield Ranks(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else Ranks()
         return
     die_with_parent(os.getppid())   # the torchrun agent: a killed launch takes its ranks with it
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    backend = "gloo"
+    if torch.cuda.is_available():   # each rank on its own GPU; the barrier and records stay on gloo
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
     try:
         yield Ranks(dist.get_rank(), dist.get_world_size())
@@ -95,9 +98,11 @@ def process_group() -> Iterator[Ranks]:
         dist.destroy_process_group()
 
 
-def local_device_index() -> int:
-    """The GPU of this rank on its node (torchrun's LOCAL_RANK)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
+def rank_device(device: torch.device) -> torch.device:
+    """This rank's device: its own GPU on its node (torchrun's LOCAL_RANK) when the run is on CUDA."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def launch(args: Sequence[str], workers: int, what: str) -> None:

@@ -81,9 +81,29 @@ def cache(m: dict) -> tuple[str, list[str]]:
                            ("seconds_per_pair", "seconds per pair"),
                            ("curvature_seconds", "of which curvature (s)"), ("projection", "projection"), ("k", "k"),
                            ("dtype", "gradient dtype"), ("curvature_rank", "eigenspace rank"),
-                           ("curvature_stride", "eigenspace stride")])
+                           ("curvature_stride", "eigenspace stride"), ("checkpoint_stride", "pairs stride"),
+                           ("workers", "torchrun ranks"), ("wall_seconds", "wall seconds")])
     lines += [f"| bytes: {k} | {fmt(v)} |" for k, v in (m.get("bytes") or {}).items()]
-    return "The one-time cache: what it cost to build and what it stores.", lines
+    plan = m.get("plan") or {}
+    lines += [f"| plan: {k} | {fmt(plan.get(k))} |" for k in ("bytes", "estimated_seconds") if k in plan]
+    return "The one-time cache: what it cost to build, what it stores, and what the plan said before the build.", lines
+
+
+def scale(m: dict) -> tuple[str, list[str]]:
+    lines = key_values(m, [("pairs_per_second", "pairs per second (one process)"),
+                           ("limit_pairs_per_second", "limit: one training step per pair"),
+                           ("throughput_fraction_of_limit", "fraction of the limit"),
+                           ("projection_overhead", "projection overhead"),
+                           ("workers_equivalence", "ranks build the same tensors"), ("workers", "ranks"),
+                           ("workers_speedup", "speed-up of the ranks over one process"),
+                           ("plan_bytes", "plan bytes"), ("actual_bytes", "bytes written"),
+                           ("bfloat16_max_abs_eval_loss_shift", "bfloat16 gradients: max shift of an estimate")])
+    rows = [[dtype, x.get("spearman"), x.get("r2_order_effect"), x.get("absdiff_ppl"), x.get("cache_bytes"),
+             x.get("estimate_peak_mb")] for dtype, x in (m.get("dtype") or {}).items()]
+    lines += ["", *table(rows, ["gradient dtype", "Spearman", "R² order effect", "mean abs ΔPPL", "cache bytes",
+                                "estimation peak MB"])]
+    return ("The cache at its limits (`benchmarks/cache_scale.py`, run after `dvc repro`): throughput, ranks, plan "
+            "against the bytes written, storage dtype.", lines)
 
 
 def estimators(m: dict) -> tuple[str, list[str]]:
@@ -204,11 +224,13 @@ SECTIONS: list[tuple[str, str, Callable[[dict], tuple[str, list[str]]], dict[str
         "groundtruth_trajectories": "True eval loss along the window for every retrained order."}),
     ("Cache", "cache.json", cache, {
         "cache_cost": "Where the cache's build time and storage go."}),
+    ("Cache at scale", "scale.json", scale, {}),
     ("Estimator accuracy and cost", "estimators.json", estimators, {
         "estimates_scatter": "Estimated vs true eval PPL of the held-out orders, one panel per method; dashed: exact.",
         "estimate_trajectories": "Eval PPL along the window, default estimator vs retraining, for a few orders."}),
     ("Ablations", "ablations.json", ablations, {
-        "ablations": "Spearman and R² of the order effect as projection size, readout and curvature change.",
+        "ablations": "Spearman and R² of the order effect as projection size, readout, curvature and the "
+                     "checkpoint stride of the cached pairs change.",
         "ablations_sweep": "Estimator accuracy as the knobs that change the reference run vary (one run each)."}),
     ("Curriculum", "curriculum.json", curriculum, {
         "curriculum_search": "Search progress: best estimated PPL so far per estimator call, each search; "

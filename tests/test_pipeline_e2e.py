@@ -31,7 +31,9 @@ def repo(tmp_path_factory, text_dir):
             shutil.copy2(src, dest / rel)
     (dest / "data" / "sources").mkdir(parents=True, exist_ok=True)   # a declared dependency of prepare
     (dest / "reports" / "sweeps").mkdir(parents=True)   # the ablations stage's: no sweep points for tiny params
-    (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(text_dir), sort_keys=False))
+    params = tiny_params_dict(text_dir)
+    params["cache"]["workers"] = 2        # the stage launches torchrun ranks from its notebook, as by default
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
@@ -62,6 +64,8 @@ def test_dvc_repro_builds_every_stage(repo):
     assert est["methods"]["naive"]["r2_order_effect"] == 0.0
     cache = json.loads((dest / "reports/metrics/cache.json").read_text())
     assert cache["pairs"] == 7 * 6 and cache["bytes"]["grad"] == 7 * 6 * ref["n_params"] * 4
+    assert cache["workers"] == 2      # built by 2 torchrun ranks, as planned byte for byte
+    assert cache["plan"]["bytes"] == sum(v for k, v in cache["bytes"].items() if k != "total_file_bytes")
     for nb in ("01_prepare", "02_reference", "03_groundtruth", "04_cache", "05_estimate"):
         executed = json.loads((dest / f"reports/notebooks/{nb}.ipynb").read_text())
         assert any(c.get("outputs") for c in executed["cells"]), nb
