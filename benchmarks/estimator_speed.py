@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -22,20 +21,10 @@ from fut import config, data
 from fut.cache import CacheBuilder
 from fut.estimators import EstimationContext, estimate
 from fut.groundtruth import Oracle
+from fut.plan import median_seconds
 from fut.reference import load_checkpoint, reference_hash
 from fut.storage import atomic_write_json, read_json
 from fut.training import Trainer
-
-
-def timed(fn, repeat: int) -> float:
-    """Median wall time of `repeat` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -55,7 +44,7 @@ def main() -> None:
 
     # The limit: one forward-backward (a training step) per (t, j) pair.
     trainer = Trainer(params, prepared, start, params.window.lr, "constant", 1)
-    step_s = timed(lambda: trainer.step(window[0]), 5)
+    step_s = median_seconds(lambda: trainer.step(window[0]), 5)
     builder = CacheBuilder(params, prepared, ref_dir, Path(tempfile.mkdtemp()))
     t0 = time.perf_counter()
     builder.build_pairs(1)
@@ -88,7 +77,7 @@ def main() -> None:
     scaling = []
     for b in (8, 32, 128):
         batch = torch.cat([window[j % window.shape[0]] for j in range(b // window.shape[1] + 1)])[:b]
-        st = timed(lambda: trainer.step(batch), 3)
+        st = median_seconds(lambda: trainer.step(batch), 3)
         scaling.append({"tokens_per_batch": b * params.data.seq_len, "train_step_seconds": st,
                         "replay_step_seconds": replay_step_s, "ratio": st / replay_step_s})
 

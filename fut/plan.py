@@ -19,13 +19,14 @@ from .cache import cache_files, curvature_batches, curvature_steps, has_pairs
 from .config import Params
 from .curvature import LossFunction
 from .data import Prepared
-from .device import configure_threads
+from .device import autocast, configure_threads, resolve_device
 from .flat import ParamLayout
 from .model import build_model, count_parameters
 from .storage import InsufficientDisk, format_bytes
 
 
-def _median_seconds(fn, repeat: int = 3) -> float:
+def median_seconds(fn, repeat: int = 3) -> float:
+    """Median wall time of `repeat` calls after one warm-up call."""
     fn()
     times = []
     for _ in range(repeat):
@@ -36,17 +37,28 @@ def _median_seconds(fn, repeat: int = 3) -> float:
 
 
 def time_units(params: Params, vocab_size: int) -> dict[str, float]:
-    """Seconds of one gradient and one Hessian-vector product on a window batch (random tokens, CPU)."""
+    """Seconds of one gradient and one Hessian-vector product on a window batch (random tokens) on the device
+    and in the precision the cache builder uses."""
     configure_threads(params.train)
-    model = build_model(params.model, vocab_size, params.data.seq_len, 0)
+    device = resolve_device(params.train)
+    model = build_model(params.model, vocab_size, params.data.seq_len, 0).to(device)
     layout = ParamLayout.of({k: v.detach() for k, v in model.named_parameters()})
     loss = LossFunction(model, layout)
     theta = layout.flatten({k: v.detach() for k, v in model.named_parameters()})
     gen = torch.Generator().manual_seed(0)
-    batch = torch.randint(vocab_size, (params.window.batch_size, params.data.seq_len), generator=gen)
-    vec = torch.randn(1, layout.dim, generator=gen)
-    return {"grad_seconds": _median_seconds(lambda: loss.grad(theta, batch)),
-            "hvp_seconds": _median_seconds(lambda: loss.hvp(theta, batch, vec))}
+    batch = torch.randint(vocab_size, (params.window.batch_size, params.data.seq_len), generator=gen).to(device)
+    vec = torch.randn(1, layout.dim, generator=gen).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn) -> float:
+        def run() -> None:
+            with autocast(params.train, device):
+                fn()
+            sync()
+        return median_seconds(run)
+
+    return {"grad_seconds": timed(lambda: loss.grad(theta, batch)),
+            "hvp_seconds": timed(lambda: loss.hvp(theta, batch, vec))}
 
 
 def cache_plan(params: Params, prepared: Prepared, cache_dir: Path) -> dict:
