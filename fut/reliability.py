@@ -650,6 +650,9 @@ BAD_INPUTS = [
     BadInput("params: a method whose eigenspaces the cache does not hold",
              "is not allowed; expected a method whose eigenspaces the cache holds",
              _retrain_with_params(_set("cache", curvature=["window"]))),
+    BadInput("params: a strided cache with a method that needs every checkpoint",
+             "estimate.methods[1] = 'fut' is not allowed; expected one of naive, fut-state:none",
+             _retrain_with_params(_set("cache", checkpoint_stride=2))),
     BadInput("params: the params file is missing", "missing.yaml' not found", lambda run, folder: lambda: _cli(
         "retrain", "--params", str(folder / "missing.yaml"), "--orders", str(folder / "orders.txt"))),
     BadInput("orders: the file is missing", "orders.txt': file not found", _retrain_with_orders(None)),
