@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,11 +338,8 @@ def build_cache(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, 
     """Build (or resume) the cache with `cache.workers` ranks: this process's share as a torchrun rank, the
     whole of it in this process with one worker, else by launching torchrun (`python -m fut cache`)."""
     if params.cache.workers > 1 and not in_torchrun():
-        with tempfile.TemporaryDirectory(prefix="fut-cache-") as tmp:
-            params_file = Path(tmp) / "params.yaml"
-            params_file.write_text(to_yaml(params))
-            launch(["cache", "--params", str(params_file), "--data", str(data_dir), "--reference", str(ref_dir),
-                    "--cache", str(cache_dir)], params.cache.workers, "the cache build")
+        launch(["cache", "--data", str(data_dir), "--reference", str(ref_dir), "--cache", str(cache_dir)],
+               params.cache.workers, "the cache build", to_yaml(params))
         return read_json(Path(cache_dir) / MANIFEST)["build"]
     with process_group() as ranks:
         return CacheBuilder(params, load_prepared(data_dir, params), ref_dir, cache_dir).build(ranks, progress)

@@ -13,8 +13,9 @@ that need their own reference run (params `sweep`; see fut/sweep.py) and writes 
 `plan` prints what the cache of these params will cost (files, bytes, gradient evaluations, estimated time)
 and exits with status 1 when its disk cannot hold it. `cache` builds the cache, shared over the ranks when
 launched by torchrun (any number of processes or nodes; each rank builds its share of the work units, rank 0
-writes the manifest), else with `cache.workers` ranks it launches itself. `reliability` runs the fault, bad-input and determinism scenarios of fut/reliability.py on tiny params (a few
-minutes) and writes their counts and outcomes.
+writes the manifest), else with `cache.workers` ranks it launches itself. `reliability` runs the fault,
+bad-input and determinism scenarios of fut/reliability.py on tiny params (a few minutes) and writes their
+counts and outcomes.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--no-timing", action="store_true", help="skip timing a gradient and an HVP here")
     p = sub.add_parser("retrain-job", help="a torchrun rank's part of a parallel retrain (launched by fut itself)")
     p.add_argument("job", type=Path)
+    p.add_argument("--params", required=True, type=Path)
     p = sub.add_parser("reliability", help="kill, corruption, NaN, bad-input and rerun scenarios on tiny params")
     p.add_argument("--params", default=Path("params.yaml"), type=Path, help="the defaults the tiny params shrink")
     p.add_argument("--out", default=Path("reports/metrics/reliability.json"), type=Path)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "retrain-job":
         from .groundtruth import run_retrain_job
 
-        run_retrain_job(args.job)
+        run_retrain_job(args.job, config.load(args.params))
         return 0
     try:
         params = config.load(args.params)

@@ -16,8 +16,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -105,28 +107,33 @@ def rank_device(device: torch.device) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def launch(args: Sequence[str], workers: int, what: str) -> None:
-    """Run `python -m fut ARGS` as `workers` torchrun ranks on this machine and wait; the ranks' output is passed
-    through as it comes (progress bars included). Raises naming the command and the ranks' last output if
-    any rank fails. The launch dies with this process (and its ranks with it)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
-           "-m", "fut", *args]
-    parent = os.getpid()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            preexec_fn=lambda: die_with_parent(parent))
-    tail = bytearray()
+def launch(args: Sequence[str], workers: int, what: str, params_yaml: str) -> None:
+    """Run `python -m fut ARGS --params FILE` as `workers` torchrun ranks on this machine and wait, FILE holding
+    `params_yaml` (the caller's params, which need not be a file of its own); the ranks' output is passed
+    through as it comes (progress bars included). Raises naming the command and the ranks' last output if any
+    rank fails. The launch dies with this process (and its ranks with it)."""
+    with tempfile.TemporaryDirectory(prefix="fut-launch-") as tmp:
+        params_file = Path(tmp) / "params.yaml"
+        params_file.write_text(params_yaml)
+        args = [*args, "--params", str(params_file)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+               "-m", "fut", *args]
+        parent = os.getpid()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: die_with_parent(parent))
+        tail = bytearray()
 
-    def relay() -> None:
-        while chunk := os.read(proc.stdout.fileno(), 4096):
-            sys.stderr.write(chunk.decode(errors="replace"))
-            sys.stderr.flush()
-            tail.extend(chunk)
-            del tail[:-6000]
+        def relay() -> None:
+            while chunk := os.read(proc.stdout.fileno(), 4096):
+                sys.stderr.write(chunk.decode(errors="replace"))
+                sys.stderr.flush()
+                tail.extend(chunk)
+                del tail[:-6000]
 
-    reader = threading.Thread(target=relay, daemon=True)
-    reader.start()
-    code = proc.wait()
-    reader.join()
+        reader = threading.Thread(target=relay, daemon=True)
+        reader.start()
+        code = proc.wait()
+        reader.join()
     if code != 0:
         raise RuntimeError(f"{what}: `torchrun --nproc-per-node={workers} -m fut {' '.join(args)}` failed with "
                            f"exit status {code}; its last output:\n{tail.decode(errors='replace')}")

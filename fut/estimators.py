@@ -85,6 +85,7 @@ class EstimationContext:
         self.cache = UpdateCache(params, self.prepared, ref_dir, cache_dir)
         self._states: dict = {}
         self._grads: dict = {}
+        self._own: tuple[int, torch.Tensor | None] = (-1, None)
         self.T = params.window.steps
         self.lrs = window_lrs(params)
         self.hp = AdamHyper.from_config(params.optimizer)
@@ -117,7 +118,7 @@ class EstimationContext:
         """g(θ_t, B_j) for each j in `batches` [n, d]: stored at a cached checkpoint, else expanded around the
         nearest cached one c ≤ t with its eigenspace (exact for the reference's own batch B_t)."""
         c = t - t % self.stride
-        g = self.grads(c)[batches].clone()
+        g = self.grads(c)[batches]   # advanced indexing: already a copy
         if c < t:
             moved = self.flat_state(t)[0] - self.flat_state(c)[0]
             groups = [batch_group(self.prepared, j) if "domain" in self.params.cache.curvature else "window"
@@ -126,8 +127,14 @@ class EstimationContext:
                 vals, vecs = self.cache.eigen(c, group)
                 g[torch.tensor([x == group for x in groups])] += ((vecs @ moved) * vals) @ vecs
         # The reference step's own gradient, as the reference step uses it (float32 even in a bfloat16 cache).
-        g[batches == t] = self.cache.own_grad(t)
+        g[batches == t] = self.own_grad(t)
         return g
+
+    def own_grad(self, t: int) -> torch.Tensor:
+        """g(θ_t, B_t), the reference's own gradient at step t (read once per step, used twice)."""
+        if self._own[0] != t:
+            self._own = (t, self.cache.own_grad(t))
+        return self._own[1]
 
     def curvature_batches(self) -> dict[str, torch.Tensor]:
         """The batches whose Hessians the cache's eigenspaces are of, by group (all kinds)."""
@@ -184,13 +191,12 @@ def replay_state(ctx: EstimationContext, sigma: torch.Tensor, curvature: str, st
     m, v = m0.expand(n, -1).clone(), v0.expand(n, -1).clone()
     for t in range(steps):
         theta, m_ref, v_ref, step = ctx.flat_state(t)
-        ref = _paper_gamma(ctx, ctx.cache.own_grad(t), theta, m_ref, v_ref, step)
+        ref = _paper_gamma(ctx, ctx.own_grad(t), theta, m_ref, v_ref, step)
         g = ctx.batch_grads(t, sigma[:, t])
         if curvature == "eig-mixed":
             vals, vecs = ctx.cache.eigen(t, "window")
             g = g + ((delta @ vecs.t()) * vals) @ vecs
-        elif curvature == "eig":
-            g = g.clone()
+        elif curvature == "eig":   # g is this step's own copy (batch_grads): updated in place
             groups = [batch_group(ctx.prepared, j) for j in sigma[:, t].tolist()]
             for group in sorted(set(groups)):
                 rows = torch.tensor([i for i, x in enumerate(groups) if x == group])
@@ -203,7 +209,6 @@ def replay_state(ctx: EstimationContext, sigma: torch.Tensor, curvature: str, st
             # Exact Hessian of the batch itself (`hvp`), or of the curvature batch the cache's eigenspaces
             # are computed from (`hvp-domain`, `hvp-mixed`): references that separate which batch's curvature
             # is used from the eigenspace's truncation.
-            g = g.clone()
             batches = ctx.curvature_batches()
             for j in sigma[:, t].unique().tolist():
                 rows = (sigma[:, t] == j).nonzero().flatten()

@@ -16,15 +16,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from . import config
 from .config import Params, to_yaml
 from .data import Prepared, load_prepared
 from .device import configure_threads, describe_device, resolve_device
-from .evaluation import eval_losses, ppl, window_batch_losses
 from .distributed import launch, process_group
+from .evaluation import eval_losses, ppl, window_batch_losses
 from .orders import validate_order
 from .reference import load_checkpoint, reference_hash, trajectory_key
 from .storage import atomic_write_json, read_json, remove_temporaries
@@ -122,10 +120,10 @@ def retrain_all(params: Params, orders: dict[str, list[int]], data_dir: Path, re
         if ranks.world == 1 and workers > 1 and len(todo) > 1:
             with tempfile.TemporaryDirectory(prefix="fut-retrain-") as tmp:
                 job = Path(tmp) / "job.json"
-                atomic_write_json(job, {"params": to_yaml(params), "orders": todo, "data_dir": str(data_dir),
-                                        "ref_dir": str(ref_dir), "out_dir": str(out_dir), "readout": readout,
-                                        "eval_every": eval_every, "desc": desc})
-                launch(["retrain-job", str(job)], min(workers, len(todo)), desc)
+                atomic_write_json(job, {"orders": todo, "data_dir": str(data_dir), "ref_dir": str(ref_dir),
+                                        "out_dir": str(out_dir), "readout": readout, "eval_every": eval_every,
+                                        "desc": desc})
+                launch(["retrain-job", str(job)], min(workers, len(todo)), desc, to_yaml(params))
         elif todo:
             oracle, retrain = Oracle(params, data_dir, ref_dir), _readout(readout, eval_every)
             mine = ranks.mine(list(todo), [1.0] * len(todo))
@@ -136,10 +134,9 @@ def retrain_all(params: Params, orders: dict[str, list[int]], data_dir: Path, re
     return {n: read_json(result_path(out_dir, n)) for n in orders}
 
 
-def run_retrain_job(job_file: Path) -> None:
-    """A torchrun rank's part of `retrain_all`'s launch (`python -m fut retrain-job JOB`)."""
+def run_retrain_job(job_file: Path, params: Params) -> None:
+    """A torchrun rank's part of `retrain_all`'s launch (`python -m fut retrain-job JOB --params FILE`)."""
     job = read_json(job_file)
-    params = config.from_dict(yaml.safe_load(job["params"]))
     retrain_all(params, job["orders"], Path(job["data_dir"]), Path(job["ref_dir"]), Path(job["out_dir"]), 1,
                 job["readout"], job["eval_every"], job["desc"])
 
