@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import tempfile
 import time
@@ -27,25 +26,12 @@ from fut.applications import measured
 from fut.cache import MANIFEST, UpdateCache, build_cache, cache_provenance
 from fut.estimators import EstimationContext, estimate
 from fut.pipeline import held_out_truth
+from fut.plan import train_step_seconds
 from fut.reference import load_checkpoint, reference_hash
 from fut.storage import atomic_write_json, load_tensors, read_json, save_tensors
-from fut.training import Trainer
 from fut.validation import accuracy
 
 DATA, REF, CACHE, GT = Path("data/prepared"), Path("data/reference"), Path("data/cache"), Path("data/groundtruth")
-
-
-def train_step_seconds(params: config.Params, prepared: data.Prepared) -> float:
-    """Median of 5 training steps on a window batch: the cost of one pair (one forward-backward)."""
-    start = load_checkpoint(REF, 0, reference_hash(params, prepared))
-    trainer = Trainer(params, prepared, start, params.window.lr, "constant", 1)
-    trainer.step(prepared.window[0])
-    times = []
-    for j in range(5):
-        t0 = time.perf_counter()
-        trainer.step(prepared.window[j])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def same_tensors(a_dir: Path, b_dir: Path) -> bool:
@@ -82,7 +68,7 @@ def main() -> int:
     torch.set_num_threads(params.train.threads)
     prepared = data.load_prepared(DATA, params)
     stage = read_json(CACHE / "stats.json")
-    step_s = train_step_seconds(params, prepared)
+    step_s = train_step_seconds(params, prepared, load_checkpoint(REF, 0, reference_hash(params, prepared)))
 
     one = dataclasses.replace(params, cache=dataclasses.replace(params.cache, workers=1))
     with tempfile.TemporaryDirectory(prefix="fut-scale-", dir="data") as tmp:

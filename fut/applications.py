@@ -146,8 +146,8 @@ def estimated_readouts(ctx: EstimationContext, orders: Sequence[Sequence[int]], 
     est = estimators.estimate(ctx, orders, method)
     out = {"eval_loss": est.eval_loss.double().numpy(), "seconds": est.seconds}
     for i in range(len(orders)):
-        theta = ctx.theta_T if est.deviation is None else ctx.theta_T + est.deviation[i]
+        theta = ctx.params_at(None if est.deviation is None else est.deviation[i])
         sets = {**(readouts or {}), **((per_order or {}).get(i, {}))}
         for name, seqs in sets.items():
-            out.setdefault(name, np.full(len(orders), np.nan))[i] = float(ctx.loss.loss(theta, seqs))
+            out.setdefault(name, np.full(len(orders), np.nan))[i] = ctx.loss_on(theta, seqs)
     return out

@@ -44,7 +44,7 @@ from .adam import AdamHyper, clip_scale, update_term
 from .config import Params, to_yaml
 from .curvature import LossFunction, lanczos_top_eigen
 from .data import Prepared, load_prepared
-from .device import autocast, configure_threads, describe_device, resolve_device
+from .device import autocast, configure_threads, describe_device, resolve_device, synchronize
 from .distributed import Ranks, in_torchrun, launch, process_group, rank_device
 from .flat import ParamLayout
 from .model import build_model, count_parameters
@@ -251,6 +251,7 @@ class CacheBuilder:
                 tensors["own_grad"] = grads[t].clone()
         elif t < T:
             tensors["own_grad"] = self._grad(theta, window[t])
+        synchronize(self.device)
         t_pairs = time.perf_counter()
         eval_grad = self._grad(theta, self.eval_seqs).cpu()
         t1 = time.perf_counter()

@@ -31,6 +31,12 @@ def describe_device(device: torch.device) -> str:
     return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a wall-clock reading after it counts that work (CUDA is asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def configure_threads(cfg: TrainConfig) -> None:
     """Fixed thread count: CPU matmul reductions depend on it, and retrains must match the reference bitwise."""
     torch.set_num_threads(cfg.threads)

@@ -38,7 +38,7 @@ from .cache import UpdateCache, batch_group, curvature_batches
 from .config import METHODS, STRIDED_METHODS, Params
 from .curvature import LossFunction
 from .data import Prepared, load_prepared
-from .device import configure_threads
+from .device import autocast, configure_threads, resolve_device
 from .flat import ParamLayout
 from .model import build_model
 from .orders import validate_order
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 class Estimate:
     method: str
     eval_loss: torch.Tensor            # [n_orders]
-    deviation: torch.Tensor | None     # δ_T [n_orders, d] for parameter-space methods
+    deviation: torch.Tensor | None     # δ_T [n_orders, d] on the CPU, for parameter-space methods
     seconds: float
     # Per order, the first window step t whose δ_t (or, as step T, the readout) held NaN or inf; None: finite.
     # A diverged estimate is reported as such (nulls in the metrics), never propagated as a number.
@@ -67,7 +67,9 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 class EstimationContext:
-    """Everything the estimators read: reference trajectory, cache, eval set and the loss function."""
+    """Everything the estimators read: reference trajectory, cache, eval set and the loss function. The replay
+    runs on `train.device` (tensors read from disk are moved there; evaluation under the training's autocast,
+    as the retrained truth is evaluated); what it hands back to callers (estimates, deviations) is on the CPU."""
 
     def __init__(self, params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path,
                  checkpoint_stride: int | None = None):
@@ -79,6 +81,7 @@ class EstimationContext:
             raise ValueError(f"checkpoint_stride {self.stride}: expected a multiple of cache.checkpoint_stride "
                              f"({params.cache.checkpoint_stride}), the checkpoints the cache has pairs at")
         self.params = params
+        self.device = resolve_device(params.train)
         self.prepared: Prepared = load_prepared(data_dir, params)
         self.ref_dir = Path(ref_dir)
         self.ref_hash = reference_hash(params, self.prepared)
@@ -86,15 +89,16 @@ class EstimationContext:
         self._states: dict = {}
         self._grads: dict = {}
         self._own: tuple[int, torch.Tensor | None] = (-1, None)
+        self._eigen: dict = {}
         self.T = params.window.steps
         self.lrs = window_lrs(params)
         self.hp = AdamHyper.from_config(params.optimizer)
         start = load_checkpoint(ref_dir, 0, self.ref_hash)
         self.layout = ParamLayout.of(start.theta)
         model = build_model(params.model, self.prepared.vocab_size, params.data.seq_len, self.prepared.eos_id)
-        self.loss = LossFunction(model, self.layout)
+        self.loss = LossFunction(model.to(self.device), self.layout)
         self.theta_T = self.flat_state(self.T)[0]
-        self.eval_seqs = self.prepared.eval_mixed
+        self.eval_seqs = self.prepared.eval_mixed.to(self.device)
         self.naive_loss = self.eval_loss(self.theta_T)
 
     def flat_state(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -103,46 +107,63 @@ class EstimationContext:
             s = load_checkpoint(self.ref_dir, t, self.ref_hash)
             # Replays walk forward (and back to the last cached checkpoint): the last few states suffice.
             self._states = dict(list(self._states.items())[-3:])
-            self._states[t] = (self.layout.flatten(s.theta), self.layout.flatten(s.m), self.layout.flatten(s.v),
-                               s.adam_step)
+            self._states[t] = (*(self.layout.flatten(x).to(self.device) for x in (s.theta, s.m, s.v)), s.adam_step)
         return self._states[t]
 
     def grads(self, t: int) -> torch.Tensor:
         """g(θ_t, B_j) for every batch j [T, d], one shard in memory at a time (two while stepping)."""
         if t not in self._grads:
             self._grads = {k: v for k, v in self._grads.items() if k == t - 1}
-            self._grads[t] = self.cache.grads(t)
+            self._grads[t] = self.cache.grads(t).to(self.device)
         return self._grads[t]
 
     def batch_grads(self, t: int, batches: torch.Tensor) -> torch.Tensor:
         """g(θ_t, B_j) for each j in `batches` [n, d]: stored at a cached checkpoint, else expanded around the
         nearest cached one c ≤ t with its eigenspace (exact for the reference's own batch B_t)."""
         c = t - t % self.stride
-        g = self.grads(c)[batches]   # advanced indexing: already a copy
+        g = self.grads(c)[batches.to(self.device)]   # advanced indexing: already a copy
         if c < t:
             moved = self.flat_state(t)[0] - self.flat_state(c)[0]
             groups = [batch_group(self.prepared, j) if "domain" in self.params.cache.curvature else "window"
                       for j in batches.tolist()]
             for group in sorted(set(groups)):
-                vals, vecs = self.cache.eigen(c, group)
-                g[torch.tensor([x == group for x in groups])] += ((vecs @ moved) * vals) @ vecs
+                vals, vecs = self.eigen(c, group)
+                g[torch.tensor([x == group for x in groups], device=self.device)] += ((vecs @ moved) * vals) @ vecs
         # The reference step's own gradient, as the reference step uses it (float32 even in a bfloat16 cache).
-        g[batches == t] = self.own_grad(t)
+        g[(batches == t).to(self.device)] = self.own_grad(t)
         return g
 
     def own_grad(self, t: int) -> torch.Tensor:
         """g(θ_t, B_t), the reference's own gradient at step t (read once per step, used twice)."""
         if self._own[0] != t:
-            self._own = (t, self.cache.own_grad(t))
+            self._own = (t, self.cache.own_grad(t).to(self.device))
         return self._own[1]
+
+    def eigen(self, t: int, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached eigenspace of `group` in force at step t (values, vectors), on the device; the current
+        checkpoint's are kept."""
+        key = (t - t % self.params.cache.curvature_stride, group)
+        if key not in self._eigen:
+            self._eigen = {k: v for k, v in self._eigen.items() if k[0] == key[0]}
+            self._eigen[key] = tuple(x.to(self.device) for x in self.cache.eigen(t, group))
+        return self._eigen[key]
 
     def curvature_batches(self) -> dict[str, torch.Tensor]:
         """The batches whose Hessians the cache's eigenspaces are of, by group (all kinds)."""
         return curvature_batches(self.prepared, self.params.cache.curvature_batch, ["domain", "window"])
 
+    def params_at(self, delta: torch.Tensor | None) -> torch.Tensor:
+        """The estimated final parameters θ_T + δ (θ_T for None), on the device."""
+        return self.theta_T if delta is None else self.theta_T + delta.to(self.device)
+
     @torch.no_grad()
+    def loss_on(self, flat: torch.Tensor, seqs: torch.Tensor) -> float:
+        """Mean next-token loss of `seqs` at the flat parameters (on the device, in the training's precision)."""
+        with autocast(self.params.train, self.device):
+            return float(self.loss.loss(flat, seqs.to(self.device)))
+
     def eval_loss(self, flat: torch.Tensor) -> float:
-        return float(self.loss.loss(flat, self.eval_seqs))
+        return self.loss_on(flat, self.eval_seqs)
 
 
 def _clip(g: torch.Tensor, hp: AdamHyper) -> torch.Tensor:
@@ -160,7 +181,8 @@ def _paper_gamma(ctx: EstimationContext, g: torch.Tensor, theta, m, v, step: int
 def replay_paper(ctx: EstimationContext, sigma: torch.Tensor, second_order: bool, steps: int,
                  on_step=None) -> torch.Tensor:
     """FUT / FUT++ with the reference Adam state and finite-difference Taylor terms; returns δ_steps [n, d]."""
-    delta = torch.zeros(sigma.shape[0], ctx.layout.dim)
+    delta = torch.zeros(sigma.shape[0], ctx.layout.dim, device=ctx.device)
+    sigma = sigma.to(ctx.device)
     d1_prev = None
     for t in range(steps):
         theta, m, v, step = ctx.flat_state(t)
@@ -187,34 +209,35 @@ def replay_state(ctx: EstimationContext, sigma: torch.Tensor, curvature: str, st
     """fut-state: the order's own Adam moments on linearised gradients; returns δ_steps [n, d]."""
     n = sigma.shape[0]
     _, m0, v0, _ = ctx.flat_state(0)
-    delta = torch.zeros(n, ctx.layout.dim)
+    delta = torch.zeros(n, ctx.layout.dim, device=ctx.device)
+    on_device = sigma.to(ctx.device)
     m, v = m0.expand(n, -1).clone(), v0.expand(n, -1).clone()
     for t in range(steps):
         theta, m_ref, v_ref, step = ctx.flat_state(t)
         ref = _paper_gamma(ctx, ctx.own_grad(t), theta, m_ref, v_ref, step)
         g = ctx.batch_grads(t, sigma[:, t])
         if curvature == "eig-mixed":
-            vals, vecs = ctx.cache.eigen(t, "window")
+            vals, vecs = ctx.eigen(t, "window")
             g = g + ((delta @ vecs.t()) * vals) @ vecs
         elif curvature == "eig":   # g is this step's own copy (batch_grads): updated in place
             groups = [batch_group(ctx.prepared, j) for j in sigma[:, t].tolist()]
             for group in sorted(set(groups)):
-                rows = torch.tensor([i for i, x in enumerate(groups) if x == group])
-                vals, vecs = ctx.cache.eigen(t, group)
+                rows = torch.tensor([i for i, x in enumerate(groups) if x == group], device=ctx.device)
+                vals, vecs = ctx.eigen(t, group)
                 g[rows] += ((delta[rows] @ vecs.t()) * vals) @ vecs
         elif curvature == "secant":
             dtheta = ctx.flat_state(t + 1)[0] - theta
-            g = g + _safe_div(ctx.grads(t + 1)[sigma[:, t]] - g, dtheta).clamp_min(0) * delta
+            g = g + _safe_div(ctx.grads(t + 1)[on_device[:, t]] - g, dtheta).clamp_min(0) * delta
         elif curvature.startswith("hvp"):
             # Exact Hessian of the batch itself (`hvp`), or of the curvature batch the cache's eigenspaces
             # are computed from (`hvp-domain`, `hvp-mixed`): references that separate which batch's curvature
             # is used from the eigenspace's truncation.
             batches = ctx.curvature_batches()
             for j in sigma[:, t].unique().tolist():
-                rows = (sigma[:, t] == j).nonzero().flatten()
+                rows = (on_device[:, t] == j).nonzero().flatten()
                 batch = {"hvp": ctx.prepared.window[j], "hvp-domain": batches.get(batch_group(ctx.prepared, j)),
                          "hvp-mixed": batches.get("window")}[curvature]
-                g[rows] += ctx.loss.hvp(theta, batch, delta[rows])
+                g[rows] += ctx.loss.hvp(theta, batch.to(ctx.device), delta[rows])
         m, v = adam_moments(_clip(g, ctx.hp), m, v, ctx.hp)
         est = adam_direction(m, v, step + 1, ctx.hp) + ctx.hp.weight_decay * (theta + delta)
         delta = delta - ctx.lrs[t] * (est - ref)
@@ -236,8 +259,8 @@ def tracin(ctx: EstimationContext, sigma: torch.Tensor, projected: bool, k: int 
             theta, m, v, step = ctx.flat_state(t)
             grads = ctx.grads(t)
             gam = torch.stack([_paper_gamma(ctx, grads[j], theta, m, v, step) for j in range(ctx.T)])
-            e = ctx.cache.tensor(t + 1, "eval_grad")
-        scores = gam @ e                                  # ⟨∇L_E, Γ_{t,j}⟩ for every batch j
+            e = ctx.cache.tensor(t + 1, "eval_grad").to(ctx.device)
+        scores = (gam @ e).cpu()                          # ⟨∇L_E, Γ_{t,j}⟩ for every batch j
         total += -ctx.lrs[t] * (scores[sigma[:, t]] - scores[t]).double()
     return ctx.naive_loss + total.float()
 
@@ -253,15 +276,15 @@ def deviation(ctx: EstimationContext, sigma: torch.Tensor, method: str, steps: i
 
 def readout(ctx: EstimationContext, delta: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "linear":
-        e = ctx.cache.tensor(ctx.T, "eval_grad")
-        return ctx.naive_loss + delta @ e
+        e = ctx.cache.tensor(ctx.T, "eval_grad").to(ctx.device)
+        return ctx.naive_loss + (delta @ e).cpu()
     return torch.tensor([ctx.eval_loss(ctx.theta_T + dl) for dl in delta])
 
 
 def estimate_along_steps(ctx: EstimationContext, order: Sequence[int], method: str,
                          steps: Sequence[int]) -> tuple[dict[int, float], torch.Tensor]:
     """Estimated eval loss after each of `steps` window steps of `order` (exact readout at θ_s + δ_s), and the
-    deviation δ after the last of them, from one replay."""
+    deviation δ after the last of them (on the context's device), from one replay."""
     sigma = torch.tensor([validate_order(order, ctx.T, permutation=False)], dtype=torch.long)
     wanted, out = set(steps), {}
 
@@ -300,7 +323,7 @@ def estimate(ctx: EstimationContext, orders: Sequence[Sequence[int]], method: st
         else:
             delta = deviation(ctx, s, method, ctx.T, on_step=watch)
             losses.append(readout(ctx, delta, readout_kind))
-            deviations.append(delta)
+            deviations.append(delta.cpu())
         watch(ctx.T, losses[-1][:, None])
     seconds = time.perf_counter() - start
     steps = [t for t in bad_step if t is not None]
@@ -314,6 +337,6 @@ def _non_finite_rows(x: torch.Tensor) -> torch.Tensor:
     """Which rows of x [n, d] hold a NaN or inf: a row sum first (cheap), confirmed elementwise where it is not
     finite, so a sum that merely overflows does not count."""
     suspect = (~torch.isfinite(x.sum(dim=1))).nonzero().flatten()
-    bad = torch.zeros(len(x), dtype=torch.bool)
+    bad = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     bad[suspect] = ~torch.isfinite(x[suspect]).all(dim=1)
-    return bad
+    return bad.cpu()

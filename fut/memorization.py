@@ -154,9 +154,8 @@ def memorization(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path,
     estimates, costs = {}, {}
     for method in dict.fromkeys([default, *mc.methods]):
         estimates[method], costs[method] = estimate_cells(method, grid if method == default else true_cells)
-    with torch.no_grad():     # `naive`: order does not matter, every position reads the reference θ_T
-        estimates["naive"] = {(i, j): {"batch": float(ctx.loss.loss(ctx.theta_T, prepared.window[i]))}
-                              for i, j in true_cells}
+    # `naive`: order does not matter, every position reads the reference θ_T
+    estimates["naive"] = {(i, j): {"batch": ctx.loss_on(ctx.theta_T, prepared.window[i])} for i, j in true_cells}
 
     name = lambda i, j: f"b{i:03d}-p{j:03d}"
     with measured() as truth_cost:

@@ -187,7 +187,7 @@ def estimate_trajectories(ctx, oracle: Oracle, truth: dict, names: list[str], me
     for name in names:
         order = truth[name]["order"]
         true_curve = dict(zip(truth[name]["trajectory"]["step"], truth[name]["trajectory"]["eval_loss"]))
-        gamma_true = ctx.layout.flatten(oracle.retrain_trainer(order).state().theta)
+        gamma_true = ctx.layout.flatten(oracle.retrain_trainer(order).state().theta).to(ctx.device)
         for method in methods:
             # One replay gives both the curve and δ_T: the last eval step is the window's end.
             est, delta = estimators.estimate_along_steps(ctx, order, method, sorted(true_curve))
@@ -196,7 +196,7 @@ def estimate_trajectories(ctx, oracle: Oracle, truth: dict, names: list[str], me
                              "est_loss": est[step]})
                 errors[method]["loss"].append(abs(est[step] - true_loss))
             errors[method]["param"].append(
-                float((ctx.theta_T + delta - gamma_true).norm() / (ctx.theta_T - gamma_true).norm()))
+                float((ctx.params_at(delta) - gamma_true).norm() / (ctx.theta_T - gamma_true).norm()))
     def mean(xs):   # a diverged method (non-finite estimates) has no error to report: null, never NaN
         return statistics.fmean(xs) if xs and all(np.isfinite(xs)) else None
 

@@ -19,10 +19,11 @@ from .cache import cache_files, curvature_batches, curvature_steps, has_pairs
 from .config import Params
 from .curvature import LossFunction
 from .data import Prepared
-from .device import autocast, configure_threads, resolve_device
+from .device import autocast, configure_threads, resolve_device, synchronize
 from .flat import ParamLayout
 from .model import build_model, count_parameters
 from .storage import InsufficientDisk, format_bytes
+from .training import Trainer, TrainState
 
 
 def median_seconds(fn, repeat: int = 3) -> float:
@@ -48,17 +49,24 @@ def time_units(params: Params, vocab_size: int) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(vocab_size, (params.window.batch_size, params.data.seq_len), generator=gen).to(device)
     vec = torch.randn(1, layout.dim, generator=gen).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(fn) -> float:
         def run() -> None:
             with autocast(params.train, device):
                 fn()
-            sync()
+            synchronize(device)
         return median_seconds(run)
 
     return {"grad_seconds": timed(lambda: loss.grad(theta, batch)),
             "hvp_seconds": timed(lambda: loss.hvp(theta, batch, vec))}
+
+
+def train_step_seconds(params: Params, prepared: Prepared, start: TrainState, repeat: int = 5) -> float:
+    """Median seconds of one training step (AdamW, in the training's precision; its loss readout waits for the
+    device) from `start` on successive window batches: what one cache pair, one forward-backward, is held to."""
+    trainer = Trainer(params, prepared, start, params.window.lr, "constant", repeat + 1)
+    batches = iter(range(repeat + 1))
+    return median_seconds(lambda: trainer.step(prepared.window[next(batches) % len(prepared.window)]), repeat)
 
 
 def cache_plan(params: Params, prepared: Prepared, cache_dir: Path) -> dict:
