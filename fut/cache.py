@@ -21,7 +21,8 @@ Every unit's result is the same whichever rank builds it, so any number of ranks
 Device and precision: each rank computes on `train.device` (its own GPU under torchrun on CUDA), gradients and
 Hessian-vector products under the training's autocast (`train.precision`: bf16 matmuls on CUDA, as the
 training step), so a cached gradient is the training gradient; Adam terms, Lanczos and projections in float32;
-everything is stored from the CPU.
+everything is stored from the CPU. Pairs are made one at a time, so device memory does not grow with T: a shard's
+rows gather on the CPU ([T, d] in `cache.dtype`) and the Adam terms are projected PROJECT_ROWS at a time.
 Files are written atomically with the cache's provenance (prepared data, tokenizer, reference run and its
 stored trajectory, cache params, projector, dtype, versions) and every tensor's sha256; a rerun skips files
 that are complete, verified and match, so an interrupted build resumes and ends with the same tensors. When
@@ -62,6 +63,9 @@ MANIFEST = "manifest.json"
 # Cost of one Hessian-vector product in gradient evaluations of the same batch (double backward; measured
 # 3.5 on this model, benchmarks/estimator_speed.py). Only balances the ranks' shares; `plan` times both.
 HVP_COST = 3.5
+# Adam terms projected together: one pass over the sparse projector serves them all (a sparse projection of a
+# row is the same bit for bit in any batch), at PROJECT_ROWS · d floats of CPU memory.
+PROJECT_ROWS = 8
 
 
 def cache_provenance(params: Params, prepared: Prepared, ref_dir: Path, dim: int) -> dict:
@@ -240,29 +244,40 @@ class CacheBuilder:
             return self.loss.grad(theta, batch)
 
     def build_pairs(self, t: int) -> None:
+        """Shard t. One pair at a time on the device (its memory stays a few [d] vectors at any T); the stored
+        rows gather on the CPU in `cache.dtype`, the Adam terms are projected PROJECT_ROWS at a time."""
         theta, m, v, adam_step = self._state(t)
         T, window = self.params.window.steps, self.window
-        t0 = time.perf_counter()
+        seconds = {"grad_seconds": 0.0, "eval_grad_seconds": 0.0, "projection_seconds": 0.0}
+
+        def timed(key: str, fn):
+            start = time.perf_counter()
+            out = fn()
+            synchronize(self.device)
+            seconds[key] += time.perf_counter() - start
+            return out
+
         tensors = {}
         if has_pairs(self.params, t):
-            grads = torch.stack([self._grad(theta, batch) for batch in window])
-            tensors["grad"] = grads.to(DTYPES[self.params.cache.dtype])
-            if t < T:
-                tensors["own_grad"] = grads[t].clone()
+            grads = torch.empty(T, self.layout.dim, dtype=DTYPES[self.params.cache.dtype])
+            projected, pending = [], []
+            for j, batch in enumerate(window):
+                g = timed("grad_seconds", lambda: self._grad(theta, batch))
+                grads[j] = g.to(grads.dtype)
+                if j == t:
+                    tensors["own_grad"] = g.cpu()
+                pending.append(timed("projection_seconds", lambda: update_term(
+                    theta, g * clip_scale(g.norm(), self.hp.grad_clip), m, v, adam_step + 1, self.hp)[0].cpu()))
+                if len(pending) == PROJECT_ROWS or j == T - 1:
+                    projected.append(timed("projection_seconds", lambda: self.projector.project(torch.stack(pending))))
+                    pending = []
+            tensors.update({"grad": grads, "proj_gamma": torch.cat(projected)})
         elif t < T:
-            tensors["own_grad"] = self._grad(theta, window[t])
-        synchronize(self.device)
-        t_pairs = time.perf_counter()
-        eval_grad = self._grad(theta, self.eval_seqs).cpu()
-        t1 = time.perf_counter()
-        tensors.update({"eval_grad": eval_grad, "proj_eval_grad": self.projector.project(eval_grad)})
-        if has_pairs(self.params, t):
-            gammas = torch.stack([update_term(theta, g * clip_scale(g.norm(), self.hp.grad_clip), m, v,
-                                              adam_step + 1, self.hp)[0] for g in grads])
-            tensors["proj_gamma"] = self.projector.project(gammas.cpu())
-        t2 = time.perf_counter()
-        self._save(shard_path(self.cache_dir, t), tensors, t, {"adam_step": adam_step, "build": {
-            "grad_seconds": t_pairs - t0, "eval_grad_seconds": t1 - t_pairs, "projection_seconds": t2 - t1}})
+            tensors["own_grad"] = timed("grad_seconds", lambda: self._grad(theta, window[t]).cpu())
+        eval_grad = timed("eval_grad_seconds", lambda: self._grad(theta, self.eval_seqs).cpu())
+        tensors.update({"eval_grad": eval_grad,
+                        "proj_eval_grad": timed("projection_seconds", lambda: self.projector.project(eval_grad))})
+        self._save(shard_path(self.cache_dir, t), tensors, t, {"adam_step": adam_step, "build": seconds})
 
     def build_curvature(self, group: str, t: int, start: torch.Tensor | None) -> torch.Tensor:
         """The eigenspace of `group` at checkpoint t, Lanczos seeded with `start`; returns its top vector."""

@@ -32,6 +32,12 @@ def test_identical_inputs_identical_outputs_and_linearity(kind):
     torch.testing.assert_close(P.project(torch.stack([x, y]))[1], P.project(y), rtol=1e-5, atol=1e-5)
 
 
+def test_sparse_projection_of_a_row_is_its_row_of_the_batch_bit_for_bit():
+    # The cache builder projects each Adam term as it is made; a shard equals one projected in one batch.
+    P, x = make_projector("sparse", D, 256, seed=0), _vectors(6, seed=2)
+    assert torch.equal(torch.stack([P.project(row) for row in x]), P.project(x))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_norms_and_inner_products_within_jl_bound(kind):
     """For k = 2048, |‖Px‖²/‖x‖² − 1| ≲ 4·sqrt(2/k) ≈ 0.125 (four standard deviations of a χ²_k/k)."""
