@@ -61,7 +61,7 @@ def time_units(params: Params, vocab_size: int) -> dict[str, float]:
             "hvp_seconds": timed(lambda: loss.hvp(theta, batch, vec))}
 
 
-def train_step_seconds(params: Params, prepared: Prepared, start: TrainState, repeat: int = 5) -> float:
+def train_step_seconds(params: Params, prepared: Prepared, start: TrainState, repeat: int = 15) -> float:
     """Median seconds of one training step (AdamW, in the training's precision; its loss readout waits for the
     device) from `start` on successive window batches: what one cache pair, one forward-backward, is held to."""
     trainer = Trainer(params, prepared, start, params.window.lr, "constant", repeat + 1)
