@@ -259,7 +259,7 @@ class CacheBuilder:
 
         tensors = {}
         if has_pairs(self.params, t):
-            grads = torch.empty(T, self.layout.dim, dtype=DTYPES[self.params.cache.dtype])
+            grads = tensors["grad"] = torch.empty(T, self.layout.dim, dtype=DTYPES[self.params.cache.dtype])
             projected, pending = [], []
             for j, batch in enumerate(window):
                 g = timed("grad_seconds", lambda: self._grad(theta, batch))
@@ -271,7 +271,7 @@ class CacheBuilder:
                 if len(pending) == PROJECT_ROWS or j == T - 1:
                     projected.append(timed("projection_seconds", lambda: self.projector.project(torch.stack(pending))))
                     pending = []
-            tensors.update({"grad": grads, "proj_gamma": torch.cat(projected)})
+            tensors["proj_gamma"] = torch.cat(projected)
         elif t < T:
             tensors["own_grad"] = timed("grad_seconds", lambda: self._grad(theta, window[t]).cpu())
         eval_grad = timed("eval_grad_seconds", lambda: self._grad(theta, self.eval_seqs).cpu())
