@@ -21,17 +21,11 @@ import torch
 from fut import config
 from fut.adam import AdamHyper, adam_direction, adam_moments
 from fut.curvature import LossFunction
-from fut.device import resolve_device, synchronize
+from fut.device import resolve_device
 from fut.flat import ParamLayout
 from fut.plan import median_seconds
 from fut.storage import atomic_write_json, versions
 from fut.training import Trainer
-
-
-def timed(fn, device: torch.device, repeat: int) -> float:
-    """Median wall time of `repeat` calls after one warm-up, each waiting for the device's work."""
-    synchronize(device)
-    return median_seconds(lambda: (fn(), synchronize(device)), repeat)
 
 
 def peak_mb(device: torch.device) -> float | None:
@@ -57,7 +51,7 @@ def main() -> None:
     # are read from the prepared data, so a stand-in carries them.
     trainer = Trainer(params, SimpleNamespace(vocab_size=vocab, eos_id=0), None, params.window.lr, "constant", 1000)
     d = sum(p.numel() for p in trainer.named.values())
-    train_s = timed(lambda: trainer.step(batch), device, args.repeat)
+    train_s = median_seconds(lambda: trainer.step(batch), args.repeat, device)
     train_peak = peak_mb(device)
 
     # Hessian-vector product on a curvature batch (float32, as the cache computes it).
@@ -66,7 +60,7 @@ def main() -> None:
     loss = LossFunction(trainer.model, layout)
     cb = batch[: params.cache.curvature_batch].to(device)
     u = torch.randn(1, d, generator=gen).to(device)
-    hvp_s = timed(lambda: loss.hvp(flat, cb, u), device, max(2, args.repeat // 2))
+    hvp_s = median_seconds(lambda: loss.hvp(flat, cb, u), max(2, args.repeat // 2), device)
     del trainer, loss, u
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -96,7 +90,7 @@ def main() -> None:
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        s = timed(replay_step, device, args.repeat)
+        s = median_seconds(replay_step, args.repeat, device)
         rows.append({"orders": n, "replay_step_seconds": s, "per_order_seconds": s / n,
                      "train_steps_per_replay_step_per_order": train_s / (s / n), "peak_mb": peak_mb(device)})
         del g_cached, m, v, delta

@@ -235,9 +235,8 @@ class CacheBuilder:
             return False
         return True
 
-    def _state(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        state = load_checkpoint(self.ref_dir, t, self.ref_hash)
-        return (*(self.layout.flatten(x).to(self.device) for x in (state.theta, state.m, state.v)), state.adam_step)
+    def _flat(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.layout.flatten(tensors).to(self.device)
 
     def _grad(self, theta: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         with autocast(self.params.train, self.device):
@@ -246,7 +245,8 @@ class CacheBuilder:
     def build_pairs(self, t: int) -> None:
         """Shard t. One pair at a time on the device (its memory stays a few [d] vectors at any T); the stored
         rows gather on the CPU in `cache.dtype`, the Adam terms are projected PROJECT_ROWS at a time."""
-        theta, m, v, adam_step = self._state(t)
+        state = load_checkpoint(self.ref_dir, t, self.ref_hash)
+        theta, m, v, adam_step = self._flat(state.theta), self._flat(state.m), self._flat(state.v), state.adam_step
         T, window = self.params.window.steps, self.window
         seconds = {"grad_seconds": 0.0, "eval_grad_seconds": 0.0, "projection_seconds": 0.0}
 
@@ -282,7 +282,7 @@ class CacheBuilder:
     def build_curvature(self, group: str, t: int, start: torch.Tensor | None) -> torch.Tensor:
         """The eigenspace of `group` at checkpoint t, Lanczos seeded with `start`; returns its top vector."""
         c = self.params.cache
-        theta = self._state(t)[0]
+        theta = self._flat(load_checkpoint(self.ref_dir, t, self.ref_hash).theta)
         batch = self.curvature[group]
 
         def hvp(x: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ def process_group() -> Iterator[Ranks]:
     die_with_parent(os.getppid())   # the torchrun agent: a killed launch takes its ranks with it
     backend = "gloo"
     if torch.cuda.is_available():   # each rank on its own GPU; the barrier and records stay on gloo
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(rank_device(torch.device("cuda")))
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
     try:

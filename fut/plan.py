@@ -26,13 +26,19 @@ from .storage import InsufficientDisk, format_bytes
 from .training import Trainer, TrainState
 
 
-def median_seconds(fn, repeat: int = 3) -> float:
-    """Median wall time of `repeat` calls after one warm-up call."""
-    fn()
+def median_seconds(fn, repeat: int = 3, device: torch.device | None = None) -> float:
+    """Median wall time of `repeat` calls after one warm-up call; with `device`, each call counts until the
+    device has done its work (CUDA is asynchronous)."""
+    def call() -> None:
+        fn()
+        if device is not None:
+            synchronize(device)
+
+    call()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        fn()
+        call()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -54,8 +60,7 @@ def time_units(params: Params, vocab_size: int) -> dict[str, float]:
         def run() -> None:
             with autocast(params.train, device):
                 fn()
-            synchronize(device)
-        return median_seconds(run)
+        return median_seconds(run, device=device)
 
     return {"grad_seconds": timed(lambda: loss.grad(theta, batch)),
             "hvp_seconds": timed(lambda: loss.hvp(theta, batch, vec))}
