@@ -1,64 +1,77 @@
-"""The ablation table. Answered by one cache without retraining: projection size k (prefixes of the stored
-projection), the readout (exact vs linear) of the default method, the curvature choice of `fut-state` (from
-the estimate stage's table), and the checkpoint stride of the cache (the default method reading pairs only at
-every s-th checkpoint of this one, exactly what a cache built with `cache.checkpoint_stride` = s holds). Knobs that change the reference run (batch size, T, lr, warm start) need one
-whole run per value: `python -m fut sweep` (fut/sweep.py) writes them to reports/sweeps/, tabulated here."""
+"""The ablation table, on the dev orders only (every choice is made there; the test orders are the final table's).
+Answered by one cache without retraining: projection size k (prefixes of the stored projection) for the methods
+that read it, fut-subspace's readout (the calibrated quadratic against evaluating its parameters) and its pair
+checkpoints (its matrices rebuilt from pairs at every s-th checkpoint of this cache, which holds them all), and
+the curvature and Adam-state grid (the estimate stage's dev block). Knobs that change the reference run (batch
+size, T, lr, warm start) need one whole run per value: `python -m fut sweep` (fut/sweep.py) writes them to
+reports/sweeps/, tabulated here."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from . import estimators
+import numpy as np
+import torch
+
+from . import estimators, protocol
 from .config import Params
 from .estimators import EstimationContext
-from .pipeline import held_out_truth
+from .orders import FAMILIES, family
+from .reference import ReferenceRun
+from .stats import accuracy
 from .storage import read_json
+from .subspace import build_subspace
 from .sweep import collect
-from .validation import accuracy
 
 log = logging.getLogger(__name__)
 
-STRIDES = (2, 4)
-SUMMARY = ("spearman", "kendall", "r2_order_effect", "absdiff_ppl", "rel_err", "n_non_finite")
+SUMMARY = ("spearman", "kendall", "r2_order_effect", "bias_ppl", "absdiff_ppl", "rel_err", "n_non_finite", "n")
+K_VALUES = (16, 64, 256, 1024, 4096)
 
 
 def ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: Path,
               estimates_file: Path, sweeps_dir: Path) -> dict:
     e = params.estimate
-    _, _, orders, true_loss = held_out_truth(params, gt_dir)
-    ctx = EstimationContext(params, data_dir, ref_dir, cache_dir)
+    dev = protocol.dev_truth(gt_dir)
+    named = protocol.scored({n: r["order"] for n, r in dev.items()})
+    names, orders = list(named), list(named.values())
+    true_loss = np.array([dev[n]["eval_loss"] for n in names])
+    strata = [FAMILIES.index(family(n)) for n in names]
+    run = ReferenceRun(params, data_dir, ref_dir)
+    ctx = EstimationContext(run, cache_dir)
 
-    def scored(loss, seconds):
-        acc = accuracy(loss.double().numpy(), true_loss, ctx.naive_loss, e.bootstrap, e.holdout_seed)
-        return {**{k: acc[k] for k in SUMMARY}, "seconds_per_order": seconds / len(orders)}
+    def scored(loss: torch.Tensor, seconds: float) -> dict:
+        rnd = [i for i, n in enumerate(names) if family(n) == "random"]
+        acc = accuracy(loss.double().numpy(), true_loss, ctx.naive_loss, e.bootstrap, 0, strata)
+        acc_r = accuracy(loss.double().numpy()[rnd], true_loss[rnd], ctx.naive_loss, e.bootstrap, 0)
+        return {"all": {k: acc[k] for k in SUMMARY}, "random": {k: acc_r[k] for k in SUMMARY},
+                "seconds_per_order": seconds / len(orders)}
 
-    ks = sorted({k for k in (16, 64, 256, 1024, 4096) if k <= params.cache.k} | {params.cache.k})
-    projection_k = {}
-    for k in ks:
-        est = estimators.estimate(ctx, orders, "tracin", k=k)
-        projection_k[str(k)] = scored(est.eval_loss, est.seconds)
-    full = estimators.estimate(ctx, orders, "tracin:full")
-    projection_k["full"] = scored(full.eval_loss, full.seconds)
+    table = {"orders": "dev", "n_orders": len(orders)}
+    projected = [m for m in ("tracin", "fut:projected") if m in e.methods]
+    ks = sorted({k for k in K_VALUES if k <= params.cache.k} | {params.cache.k})
+    table["projection_k"] = {m: {str(k): scored(*_loss(estimators.estimate(ctx, orders, m, k=k))) for k in ks}
+                             for m in projected}
 
-    # The estimate stage scored the default method with estimate.readout on every checkpoint: reused, not recomputed.
-    methods = read_json(estimates_file)["methods"]
-    default = {k: methods[e.default][k] for k in (*SUMMARY, "seconds_per_order")}
-    other = "linear" if e.readout == "exact" else "exact"
-    est = estimators.estimate(ctx, orders, e.default, readout_kind=other)
-    readout = {e.readout: default, other: scored(est.eval_loss, est.seconds)}
-    stride = {"1": {**default, "pairs_fraction": 1.0}}
-    for s in STRIDES:
-        if s > params.cache.checkpoint_stride and s % params.cache.checkpoint_stride == 0 and s < ctx.T:
-            sparse = EstimationContext(params, data_dir, ref_dir, cache_dir, checkpoint_stride=s)
-            est = estimators.estimate(sparse, orders, e.default)
-            stride[str(s)] = {**scored(est.eval_loss, est.seconds), "pairs_fraction": _pairs_fraction(ctx.T, s)}
-    curvature = {m.split(":")[1]: {k: methods[m][k] for k in (*SUMMARY, "seconds_per_order")}
-                 for m in methods if m.startswith("fut-state:")}
-    table = {"held_out_orders": len(orders),
-             "projection_k": {"method": "tracin", "values": projection_k},
-             "readout": {"method": e.default, "values": readout},
-             "curvature": {"method": "fut-state", "values": curvature},
-             "checkpoint_stride": {"method": e.default, "values": stride}}
+    if "fut-subspace" in e.methods:
+        quad = estimators.estimate(ctx, orders, "fut-subspace")
+        exact = estimators.estimate(ctx, orders, "fut-subspace:exact")
+        table["subspace_readout"] = {"quadratic": scored(*_loss(quad)), "exact": scored(*_loss(exact))}
+        table["subspace_pair_stride"] = {}
+        for stride in sorted({run.T, run.T // 2, run.T // 3} - {0}):
+            if stride % params.cache.checkpoint_stride:
+                continue
+            src = ctx.cache.subspace_sources(stride)
+            sub = build_subspace(src, None, ctx.naive_loss, 0, 0)
+            S = sub.replay(torch.tensor(orders))
+            delta = estimators.subspace_delta(S, src.rows, src.precond, src.dim, src.chunk)
+            loss = torch.tensor([ctx.eval_loss(ctx.theta_T + d.to(ctx.device)) for d in delta])
+            table["subspace_pair_stride"][str(stride)] = {**scored(loss, 0.0), "pair_checkpoints": src.pair_checkpoints}
+
+    # The estimate stage scored every configured method on the dev orders: its block, not recomputed.
+    dev_block = read_json(estimates_file)["dev"]["families"]
+    table["methods"] = {m: {fam: {k: block[m][k] for k in SUMMARY} for fam, block in dev_block.items() if m in block}
+                        for m in e.methods}
     sweep, stale = collect(params, sweeps_dir)
     if stale:
         log.warning("sweep points computed with other params, left out (rerun: python -m fut sweep --only %s)",
@@ -69,14 +82,11 @@ def ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt
     return table
 
 
-def _pairs_fraction(T: int, s: int) -> float:
-    """Gradient evaluations of a stride-s cache's pairs and own gradients, as a fraction of the full T(T+1)."""
-    cached = len(range(0, T + 1, s))
-    return (cached * T + (T - len(range(0, T, s)))) / (T * (T + 1))
+def _loss(est) -> tuple[torch.Tensor, float]:
+    return est.eval_loss, est.seconds
 
 
 def _sweep_row(r: dict) -> dict:
     keep = ("window_steps", "batch_size", "lr", "warmstart", "orders_scored", "true_ppl_std", "random_ppl_std",
             "retrain_seconds_per_order", "cache_seconds", "eval_ppl_end")
-    return {**{k: r[k] for k in keep}, "methods": {m: {k: v[k] for k in (*SUMMARY, "seconds_per_order")}
-                                                   for m, v in r["methods"].items()}}
+    return {**{k: r.get(k) for k in keep}, "methods": r["methods"]}

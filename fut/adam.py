@@ -52,3 +52,15 @@ def update_term(theta: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: tor
     """Γ and the advanced moments (m, v) for one flat parameter vector. `grad` is already clipped."""
     m_new, v_new = adam_moments(grad, m, v, hp)
     return adam_direction(m_new, v_new, step, hp) + hp.weight_decay * theta, m_new, v_new
+
+
+def update_term_slope(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, hp: AdamHyper) -> torch.Tensor:
+    """∂Γ/∂g elementwise at `grad` with the moments (m, v) before the step held fixed: the f′(g) of the paper's
+    Jacobian ∂Γ·δ = f′(g) ∘ (H δ) + λδ. From Γ = (m₁/c₁) / (sqrt(v₁/c₂) + ε), m₁ = β1 m + (1−β1) g,
+    v₁ = β2 v + (1−β2) g²."""
+    m1, v1 = adam_moments(grad, m, v, hp)
+    c1, c2 = 1 - hp.beta1 ** step, 1 - hp.beta2 ** step
+    s = (v1 / c2).sqrt()
+    den = s + hp.eps
+    ds = (1 - hp.beta2) * grad / (c2 * s.clamp_min(1e-30))
+    return (1 - hp.beta1) / c1 / den - (m1 / c1) * ds / den ** 2

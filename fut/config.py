@@ -12,9 +12,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
+
+from .methods import DEFAULT, METHODS, parameter_methods, strided_methods
 
 
 class ConfigError(ValueError):
@@ -181,75 +183,97 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TestOrdersConfig:
+    """The test orders: a separate seeded set, retrained once and read only by the final scoring
+    (fut/protocol.py). Disjoint from the dev orders by construction (other seeds, other structured variants)."""
+    n_random: int = 32
+    domain_blocks: int = 8     # a random domain order, a random order within each block
+    difficulty: int = 2        # of each: easy→hard and hard→easy by reference loss, with seeded jitter
+    interleaved: int = 2       # domains round-robin in a random rotation, each domain's batches shuffled
+    seed: int = 1001
+
+    def validate(self, key: str) -> None:
+        for name in ("n_random", "domain_blocks", "difficulty", "interleaved"):
+            _check(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "an int >= 0")
+
+
+@dataclass(frozen=True)
 class GroundtruthConfig:
+    """The dev orders (every choice is made on them) and the test orders (the final table only)."""
     n_random: int = 20
     seed: int = 1
     structured: list[Literal["reversed", "domain_blocks", "easy_to_hard", "hard_to_easy"]] = field(
         default_factory=lambda: ["reversed", "domain_blocks", "easy_to_hard", "hard_to_easy"])
-    workers: int = 2
-    eval_every: int = 4   # eval loss along each retrain every this many steps (and at the end)
+    eval_every: int = 4   # dev: eval loss along each retrain every this many steps (and at the end)
+    test: TestOrdersConfig = field(default_factory=TestOrdersConfig)
 
     def validate(self, key: str) -> None:
         _check(self.n_random >= 0, f"{key}.n_random", self.n_random, "an int >= 0")
         _check(self.eval_every >= 0, f"{key}.eval_every", self.eval_every, "an int >= 0 (0: only at the end)")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How many processes share the work. No stage lists this section: any number gives the same artefacts."""
+    workers: int = 2
+
+    def validate(self, key: str) -> None:
         _check(self.workers >= 1, f"{key}.workers", self.workers, "an int >= 1")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Stage 2: per checkpoint t and window batch j, g(θ_t, B_j) in full space, Γ_{t,j} (reference state)
-    projected, the eval gradient, and top Hessian eigenspaces of curvature batches."""
+    """Stage 2 (fut/cache.py): pair gradients g(θ_t, B_j), the reference's own gradients, eval gradients, the
+    paper's update terms projected, top Hessian eigenspaces of curvature batches, and fut-subspace's matrices."""
     projection: Literal["sparse", "gaussian"] = "sparse"
     k: int = 4096
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # of the full-space gradients
-    curvature_rank: int = 16
-    curvature_iterations: int = 24
-    curvature_batch: int = 8        # sequences per curvature batch, spread over the window batches it stands for
-    curvature_stride: int = 4       # eigenspaces at every s-th checkpoint (the nearest earlier one is used)
-    # Which eigenspaces to cache: `domain`, one per domain of the window batches (for `fut-state:eig`), and/or
-    # `window`, one for a batch mixed from the whole window (for `fut-state:eig-mixed`).
-    curvature: list[Literal["domain", "window"]] = field(default_factory=lambda: ["domain", "window"])
-    # g(θ_t, B_j) for every batch only at every s-th checkpoint: T²/s gradient evaluations; fut-state expands
-    # around the nearest cached checkpoint with the cached curvature (other methods need every checkpoint).
+    # g(θ_t, B_j) for every batch at every s-th checkpoint and at T (T²/s evaluations); the paper's methods, TracIn
+    # and fut-state read every checkpoint (s = 1), fut-subspace only `subspace_stride`'s.
     checkpoint_stride: int = 1
-    workers: int = 1                # torch.distributed ranks (torchrun) that share the build
-    # How the build is spread does not change a tensor of it: not part of the cache's provenance.
-    NOT_HASHED: ClassVar[tuple[str, ...]] = ("workers",)
+    eval_grad_stride: int = 1       # ∇L_E at every s-th checkpoint and at T (TracIn and fut:projected read all)
+    curvature_rank: int = 64
+    curvature_iterations: int = 96  # Lanczos iterations (well above the rank: the last Ritz pairs converge last)
+    curvature_batch: int = 8        # sequences per curvature batch, spread over the window batches it stands for
+    curvature_checkpoints: list[int] = field(default_factory=lambda: [0])   # the nearest earlier one is used
+    # Which eigenspaces to cache: `domain`, one per domain of the window batches, and/or `window`, one for a batch
+    # mixed from the whole window (an ablation: curvature is a property of the text).
+    curvature: list[Literal["domain", "window"]] = field(default_factory=lambda: ["domain"])
+    subspace_stride: Optional[int] = None    # pair checkpoints fut-subspace interpolates between (null: 0 and T)
+    probes: int = 32                # orders its quadratic readout is fitted on (to its own exact readout)
 
     def validate(self, key: str) -> None:
         _check(self.checkpoint_stride >= 1, f"{key}.checkpoint_stride", self.checkpoint_stride, "an int >= 1")
-        _check(self.workers >= 1, f"{key}.workers", self.workers, "an int >= 1")
-        _check(self.checkpoint_stride == 1 or self.curvature, f"{key}.curvature", self.curvature,
-               "a non-empty list of [domain, window] when cache.checkpoint_stride > 1 (the expansion between "
-               "cached checkpoints needs an eigenspace)")
+        _check(self.eval_grad_stride >= 1, f"{key}.eval_grad_stride", self.eval_grad_stride, "an int >= 1")
         _check(self.k >= 1, f"{key}.k", self.k, "an int >= 1")
         _check(self.curvature_rank >= 1, f"{key}.curvature_rank", self.curvature_rank, "an int >= 1")
         _check(self.curvature_iterations >= self.curvature_rank, f"{key}.curvature_iterations",
                self.curvature_iterations, f"an int >= cache.curvature_rank ({self.curvature_rank})")
         _check(self.curvature_batch >= 1, f"{key}.curvature_batch", self.curvature_batch, "an int >= 1")
-        _check(self.curvature_stride >= 1, f"{key}.curvature_stride", self.curvature_stride, "an int >= 1")
-        _check(len(set(self.curvature)) == len(self.curvature), f"{key}.curvature", self.curvature,
-               "a list of distinct kinds from [domain, window]")
-
-
-METHODS = ("naive", "fut", "fut++", "tracin", "tracin:full", "fut-state:none", "fut-state:secant",
-           "fut-state:eig", "fut-state:eig-mixed", "fut-state:hvp", "fut-state:hvp-domain", "fut-state:hvp-mixed")
-# The cached eigenspaces each curvature needs (cache.curvature).
-EIGENSPACES = {"fut-state:eig": "domain", "fut-state:eig-mixed": "window"}
-# What can run on a cache with cache.checkpoint_stride > 1 (the rest reads g(θ_t, B_j) at every checkpoint).
-STRIDED_METHODS = ("naive", "fut-state:none", "fut-state:eig", "fut-state:eig-mixed", "fut-state:hvp")
+        _check(len(self.curvature_checkpoints) >= 1 and 0 in self.curvature_checkpoints
+               and len(set(self.curvature_checkpoints)) == len(self.curvature_checkpoints)
+               and all(c >= 0 for c in self.curvature_checkpoints), f"{key}.curvature_checkpoints",
+               self.curvature_checkpoints, "a list of distinct checkpoints >= 0 that includes 0")
+        _check(len(self.curvature) >= 1 and len(set(self.curvature)) == len(self.curvature), f"{key}.curvature",
+               self.curvature, "a non-empty list of distinct kinds from [domain, window]")
+        _check(self.subspace_stride is None or self.subspace_stride >= 1, f"{key}.subspace_stride",
+               self.subspace_stride, "null or an int >= 1")
+        _check(self.subspace_stride is None or self.subspace_stride % self.checkpoint_stride == 0,
+               f"{key}.subspace_stride", self.subspace_stride,
+               f"null or a multiple of cache.checkpoint_stride ({self.checkpoint_stride})")
+        _check(self.probes >= 0, f"{key}.probes", self.probes, "an int >= 0")
 
 
 @dataclass(frozen=True)
 class EstimateConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    default: str = "fut-state:eig"
-    readout: Literal["exact", "linear"] = "exact"
+    default: str = DEFAULT
+    readout: Literal["exact", "linear"] = "exact"   # of the full-space parameter methods (fut-state, fut)
     k: Optional[int] = None          # projection prefix used by projected methods (null: cache.k)
-    holdout_seed: int = 0            # which half of the ground-truth orders is held out from any tuning
     bootstrap: int = 1000
-    trajectory_orders: int = 4       # orders whose estimated eval loss is also read along the steps
+    trajectory_orders: int = 4       # test orders whose estimated eval loss is also read along the steps
+    expensive_orders: int = 12       # orders (of each split) the exact-curvature references are scored on
 
     def validate(self, key: str) -> None:
         for i, m in enumerate(self.methods):
@@ -257,6 +281,7 @@ class EstimateConfig:
         _check(self.default in self.methods, f"{key}.default", self.default, f"one of {key}.methods")
         _check(self.k is None or self.k >= 1, f"{key}.k", self.k, "null or an int >= 1")
         _check(self.bootstrap >= 10, f"{key}.bootstrap", self.bootstrap, "an int >= 10")
+        _check(self.expensive_orders >= 2, f"{key}.expensive_orders", self.expensive_orders, "an int >= 2")
 
 
 # The sweep's knobs and the params.yaml keys they set.
@@ -276,7 +301,7 @@ class SweepConfig:
     n_random: int = 12
     structured: list[Literal["reversed", "domain_blocks", "easy_to_hard", "hard_to_easy"]] = field(
         default_factory=lambda: ["reversed", "easy_to_hard", "hard_to_easy"])
-    methods: list[str] = field(default_factory=lambda: ["naive", "fut", "fut-state:secant", "fut-state:eig"])
+    methods: list[str] = field(default_factory=lambda: ["naive", "fut:secant", "fut-state:eig", "fut-subspace"])
     jobs: int = 2                    # points run in parallel, one process each
 
     def validate(self, key: str) -> None:
@@ -292,20 +317,17 @@ class SweepConfig:
         _check(self.jobs >= 1, f"{key}.jobs", self.jobs, "an int >= 1")
 
 
-# Methods with a readout beyond the eval loss: they estimate the final parameters (naive: the reference's).
-READOUT_METHODS = tuple(m for m in METHODS if not m.startswith("tracin"))
-
-
 @dataclass(frozen=True)
 class CurriculumConfig:
     """Curriculum search with estimate.default as the fitness, seeded with the heuristic proposals: each
     search proposes `population - elite` new orders per generation, all estimated in one call; the
     `verify_top` best of each search are retrained."""
     searches: list[Literal["genetic", "assignment"]] = field(default_factory=lambda: ["genetic", "assignment"])
-    population: int = 8
-    generations: int = 6
-    elite: int = 2
+    population: int = 32
+    generations: int = 20
+    elite: int = 4
     mutation: float = 0.5            # probability of a swap after crossover (genetic)
+    finalists: int = 8               # each search's best, ranked again by evaluating their estimated parameters
     verify_top: int = 2
     seed: int = 0
 
@@ -318,6 +340,8 @@ class CurriculumConfig:
                f"an int in [0, {key}.population) ({self.population})")
         _check(0.0 <= self.mutation <= 1.0, f"{key}.mutation", self.mutation, "a float in [0, 1]")
         _check(self.verify_top >= 1, f"{key}.verify_top", self.verify_top, "an int >= 1")
+        _check(self.finalists >= self.verify_top, f"{key}.finalists", self.finalists,
+               f"an int >= {key}.verify_top ({self.verify_top})")
 
 
 @dataclass(frozen=True)
@@ -329,7 +353,7 @@ class MemorizationConfig:
     batches: Optional[int] = 6
     positions: Optional[int] = 6
     true_positions: int = 3
-    methods: list[str] = field(default_factory=lambda: ["fut", "fut++"])
+    methods: list[str] = field(default_factory=lambda: ["fut:secant", "fut-state:eig"])
     similar_fraction: float = 0.25   # eval sequences most / least similar to B_i (TF-IDF cosine)
 
     def validate(self, key: str) -> None:
@@ -340,8 +364,8 @@ class MemorizationConfig:
                f"{key}.true_positions", self.true_positions,
                f"an int >= 2 and <= {key}.positions ({self.positions}): an effect needs two positions")
         for i, m in enumerate(self.methods):
-            _check(m in READOUT_METHODS, f"{key}.methods[{i}]", m,
-                   "a method that estimates parameters: one of " + ", ".join(READOUT_METHODS))
+            _check(m in parameter_methods(), f"{key}.methods[{i}]", m,
+                   "a method that estimates parameters: one of " + ", ".join(parameter_methods()))
         _check(0.0 < self.similar_fraction <= 0.5, f"{key}.similar_fraction", self.similar_fraction,
                "a float in (0, 0.5]")
 
@@ -370,6 +394,7 @@ class Params:
     window: WindowConfig
     train: TrainConfig
     groundtruth: GroundtruthConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -378,24 +403,23 @@ class Params:
     domain_order: DomainOrderConfig = field(default_factory=DomainOrderConfig)
 
     def validate(self, key: str) -> None:
-        for i, m in enumerate(self.estimate.methods):
-            kind = EIGENSPACES.get(m)
-            _check(kind is None or kind in self.cache.curvature, f"estimate.methods[{i}]", m,
-                   f"a method whose eigenspaces the cache holds (cache.curvature = {self.cache.curvature}; "
-                   f"{m} needs {kind!r})")
-        if self.cache.checkpoint_stride > 1:
-            for name, methods in (("estimate.methods", self.estimate.methods), ("sweep.methods", self.sweep.methods),
-                                  ("memorization.methods", self.memorization.methods)):
-                for i, m in enumerate(methods):
-                    _check(m in STRIDED_METHODS, f"{name}[{i}]", m, f"one of {', '.join(STRIDED_METHODS)} with "
-                           f"cache.checkpoint_stride = {self.cache.checkpoint_stride} (or set it to 1)")
-            _check(self.estimate.default in STRIDED_METHODS, "estimate.default", self.estimate.default,
-                   f"one of {', '.join(STRIDED_METHODS)} with cache.checkpoint_stride > 1")
+        lists = (("estimate.methods", self.estimate.methods), ("sweep.methods", self.sweep.methods),
+                 ("memorization.methods", self.memorization.methods))
+        for name, methods in lists:
+            for i, m in enumerate(methods):
+                _check(not METHODS[m].needs_eigenspaces or "domain" in self.cache.curvature, f"{name}[{i}]", m,
+                       f"a method whose eigenspaces the cache holds (cache.curvature = {self.cache.curvature}; "
+                       f"{m} needs 'domain')")
+                needs = METHODS[m].every_checkpoint and self.cache.checkpoint_stride > 1 or (
+                    METHODS[m].needs_eval_gradients and self.cache.eval_grad_stride > 1)
+                _check(not needs, f"{name}[{i}]", m, f"one of {', '.join(strided_methods())} with "
+                       f"cache.checkpoint_stride = {self.cache.checkpoint_stride} and cache.eval_grad_stride = "
+                       f"{self.cache.eval_grad_stride} (or set both to 1)")
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the named sections: the provenance key of an artefact built from them."""
         def values(section: Any) -> dict:
-            return {k: v for k, v in dataclasses.asdict(section).items() if k not in getattr(section, "NOT_HASHED", ())}
+            return dataclasses.asdict(section)
 
         blob = json.dumps({n: values(getattr(self, n)) for n in sorted(names)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -8,14 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
-from .applications import estimated_readouts, measured, ppl_or_none, retrain_orders, truth_for
+from .applications import estimated_readouts, truth_for
 from .config import Params
+from .costs import measured
 from .estimators import EstimationContext
-from .evaluation import ppl
+from .evaluation import ppl, ppl_or_none
 from .orders import domain_block_orders
-from .storage import read_json
+from .protocol import dev_truth
+from .reference import ReferenceRun
+from .stats import rank_correlation
 
 
 def sequence(name: str, domains: list[str]) -> list[str]:
@@ -23,16 +25,10 @@ def sequence(name: str, domains: list[str]) -> list[str]:
     return [domains[int(x)] for x in name.split("-")[1:]]
 
 
-def _spearman(est: list[float], true: list[float]) -> float | None:
-    if len(est) < 3 or not np.all(np.isfinite(est)) or np.ptp(est) == 0:
-        return None
-    return float(stats.spearmanr(est, true).statistic)
-
-
 def domain_order(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: Path,
                  out_dir: Path) -> tuple[dict, dict]:
     dc, method = params.domain_order, params.estimate.default
-    ctx = EstimationContext(params, data_dir, ref_dir, cache_dir)
+    ctx = EstimationContext(ReferenceRun(params, data_dir, ref_dir), cache_dir)
     prepared = ctx.prepared
     if min(prepared.window_domains) < 0 or len(prepared.domains) < 2:
         return {"rows": []}, {"method": method, "n_orders": 0,
@@ -47,10 +43,10 @@ def domain_order(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path,
                                            kind="stable")]
     few = min(dc.verify, len(ranked) // 2) or 1
     ends = {n: orders[n] for n in ranked[:few] + ranked[-few:]}
-    truth_gt = read_json(Path(gt_dir) / "results.json")
+    truth_gt = dev_truth(gt_dir)
     with measured() as verification:
-        truth, retrained = truth_for(ends, truth_gt, lambda missing: retrain_orders(
-            params, missing, data_dir, ref_dir, Path(out_dir) / "orders", params.groundtruth.workers, "verify"))
+        truth, retrained = truth_for(params, ends, truth_gt, data_dir, ref_dir, Path(out_dir) / "orders", "verify",
+                                     needs=("eval_loss", "domain_eval_loss"))
     known = {tuple(r["order"]): r for r in truth_gt.values()}
     truth.update({n: known[tuple(o)] for n, o in orders.items() if n not in truth and tuple(o) in known})
 
@@ -81,7 +77,7 @@ def domain_order(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path,
                 # Where the estimate's pick truly ranks among the orders with a truth (1: it is the best).
                 "est_best_true_rank": (1 + sorted(r[f"true_{key}"] for r in with_true).index(e[f"true_{key}"])
                                        if e and e[f"true_{key}"] is not None else None),
-                "spearman": _spearman([r[f"est_{key}"] for r in both], [r[f"true_{key}"] for r in both]),
+                "spearman": rank_correlation([r[f"est_{key}"] for r in both], [r[f"true_{key}"] for r in both]),
                 "n_true": len(with_true)}
 
     metrics = {

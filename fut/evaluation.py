@@ -3,12 +3,25 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .data import Prepared
 from .training import Trainer, sequence_losses
 
 
 def ppl(loss: float) -> float:
     return math.exp(loss)
+
+
+def finite_or_none(x: float) -> float | None:
+    """A diverged estimate (inf/NaN) is recorded as null: NaN is not JSON."""
+    return float(x) if np.isfinite(x) else None
+
+
+def ppl_or_none(loss: float) -> float | None:
+    """Perplexity of a loss, or null where the estimate diverged (or overflows)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return finite_or_none(np.exp(loss))
 
 
 def eval_losses(trainer: Trainer, prepared: Prepared) -> tuple[float, dict[str, float]]:

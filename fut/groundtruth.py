@@ -1,11 +1,12 @@
 """The retraining oracle and the ground-truth stage.
 
-`Oracle.retrain(order)` replays the window from the stored window-start state through `run_window`, the code
-path of the reference run. The ground truth retrains a seeded set of orders, spread over `groundtruth.workers`
-torch.distributed ranks (fut/distributed.py; in its own process when one order is left or workers is 1);
-each order's result is written atomically to its own file with the reference hash, so an interrupted stage
-resumes with the orders still missing and never reads a half-written one. The ranks die with the stage's
-process (Linux), so a killed stage leaves no retrain running.
+`Oracle.retrain(order, readouts)` replays the window from the stored window-start state through `run_window`, the
+code path of the reference run, and reads out what was asked. The ground truth retrains the dev orders (every
+choice of the suite is made on them) and, apart, the test orders (read only by the final scoring,
+fut/protocol.py), spread over `parallel.workers` torch.distributed ranks (fut/distributed.py; in this process when
+one order is left or workers is 1). Each order's result is written atomically to its own file with the reference
+run's key, so an interrupted stage resumes with the orders still missing and never reads a half-written one. The
+ranks die with the stage's process (Linux), so a killed stage leaves no retrain running.
 """
 from __future__ import annotations
 
@@ -19,52 +20,63 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Params, to_yaml
-from .data import Prepared, load_prepared
-from .device import configure_threads, describe_device, resolve_device
+from .costs import peak_rss_mb
+from .device import describe_device
 from .distributed import launch, process_group
 from .evaluation import eval_losses, ppl, window_batch_losses
 from .orders import validate_order
-from .reference import load_checkpoint, reference_hash, trajectory_key
+from .reference import ReferenceRun
 from .storage import atomic_write_json, read_json, remove_temporaries
-from .training import Trainer, TrainState, run_window
+from .training import Trainer, TrainState, run_window, sequence_losses
 
 log = logging.getLogger(__name__)
+
+# What a retrain can read out beyond the final eval loss: every window batch's loss, every eval sequence's loss
+# (the generalization study), and the eval loss every `eval_every` steps along the window.
+READOUTS = ("batches", "sequences", "trajectory")
 
 
 class Oracle:
     """Ground truth for any order: real retraining of the window, same code path as the reference run."""
 
-    def __init__(self, params: Params, data_dir: Path, ref_dir: Path):
-        configure_threads(params.train)
-        self.params = params
-        self.prepared: Prepared = load_prepared(data_dir, params)
-        self.ref_hash = reference_hash(params, self.prepared)
-        self.results_key = trajectory_key(params, self.prepared, ref_dir)
-        self.start = load_checkpoint(ref_dir, 0, self.ref_hash)
-        self.device = describe_device(resolve_device(params.train))
+    def __init__(self, run: ReferenceRun):
+        self.run, self.params, self.prepared = run, run.params, run.prepared
+        self.start = run.start
+        self.device = describe_device(run.device)
 
-    def retrain_trainer(self, order: Sequence[int], on_step=None, start: TrainState | None = None) -> Trainer:
-        order = validate_order(order, self.params.window.steps, permutation=False)
+    def trainer(self, order: Sequence[int], on_step=None, start: TrainState | None = None) -> Trainer:
+        """The window trained in `order` (from the reference's window start, or `start`)."""
+        order = validate_order(order, self.run.T, permutation=False)
         return run_window(self.params, self.prepared, start or self.start, order, on_step=on_step)
 
-    def retrain(self, order: Sequence[int], eval_every: int = 0, start: TrainState | None = None) -> dict:
-        """Final eval loss/PPL, per-domain losses, every window batch's loss, and the eval loss every
-        `eval_every` steps (0: only at the end)."""
-        t0 = time.perf_counter()
-        curve: dict[int, float] = {}
+    def eval_loss(self, order: Sequence[int]) -> float:
+        """The final mixed eval loss of `order`, and nothing else: the retrain an estimate is timed against."""
+        return eval_losses(self.trainer(order), self.prepared)[0]
+
+    def retrain(self, order: Sequence[int], readouts: Sequence[str] = (), eval_every: int = 0,
+                start: TrainState | None = None) -> dict:
+        """Final eval loss/PPL and per-domain eval losses, plus the `readouts` asked for (see READOUTS), the
+        seconds and CPU seconds it took and the process's peak memory."""
+        t0, cpu = time.perf_counter(), time.process_time()
+        T, curve = self.run.T, {}
 
         def on_step(t: int, trainer: Trainer, loss: float) -> None:
-            if eval_every and t % eval_every == 0 and t < self.params.window.steps:
+            if eval_every and t % eval_every == 0 and t < T:
                 curve[t] = eval_losses(trainer, self.prepared)[0]
 
-        trainer = self.retrain_trainer(order, on_step, start)
+        trainer = self.trainer(order, on_step if "trajectory" in readouts else None, start)
         loss, per_domain = eval_losses(trainer, self.prepared)
-        curve[self.params.window.steps] = loss
-        return {"order": list(order), "eval_loss": loss, "eval_ppl": ppl(loss), "domain_eval_loss": per_domain,
-                "batch_losses": window_batch_losses(trainer, self.prepared),
-                "trajectory": {"step": list(curve), "eval_loss": list(curve.values())},
-                "seconds": time.perf_counter() - t0, "reference_hash": self.results_key, "device": self.device,
-                "eval_every": eval_every}
+        out = {"order": list(order), "eval_loss": loss, "eval_ppl": ppl(loss), "domain_eval_loss": per_domain}
+        if "batches" in readouts:
+            out["batch_losses"] = window_batch_losses(trainer, self.prepared)
+        if "sequences" in readouts:
+            out["eval_sequence_losses"] = sequence_losses(trainer, self.prepared.eval_mixed).tolist()
+        if "trajectory" in readouts:
+            curve[T] = loss
+            out["trajectory"] = {"step": list(curve), "eval_loss": list(curve.values())}
+        return {**out, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu,
+                "peak_mb": peak_rss_mb(), "reference_hash": self.run.key, "device": self.device,
+                "readouts": sorted(readouts), "eval_every": eval_every}
 
 
 def result_path(out_dir: Path, name: str) -> Path:
@@ -84,32 +96,23 @@ def is_complete(path: Path, order: list[int], key: str, expected: dict | None = 
             and all(r.get(k) == v for k, v in (expected or {}).items()))
 
 
-def _readout(kind: str, eval_every: int):
-    """What a retrain records: `trajectory` (Oracle.retrain, the ground truth) or `sequences` (the applications'
-    readouts, with every eval sequence's loss)."""
-    if kind == "trajectory":
-        return lambda oracle, order: oracle.retrain(order, eval_every)
-    from .applications import retrain_readouts   # applications builds on this module
-
-    return retrain_readouts
-
-
 def retrain_all(params: Params, orders: dict[str, list[int]], data_dir: Path, ref_dir: Path, out_dir: Path,
-                workers: int, readout: str = "trajectory", eval_every: int = 0, desc: str = "retrain",
+                readouts: Sequence[str] = (), eval_every: int = 0, desc: str = "retrain",
                 progress: bool = True) -> dict[str, dict]:
-    """Retrain every named order not already stored in `out_dir` (for this reference run); returns all results
-    by name. As a torchrun rank, this rank's share; otherwise in this process, or in `workers` torchrun ranks
-    launched for it when more than one order is left (a rank costs an interpreter start). `out_dir` exists
-    afterwards even when there was nothing to retrain (it is a DVC output)."""
+    """Retrain every named order not already stored in `out_dir` (for this reference run, with these readouts);
+    returns all results by name. As a torchrun rank, this rank's share; otherwise in this process, or in
+    `parallel.workers` torchrun ranks launched for it when more than one order is left (a rank costs an
+    interpreter start). `out_dir` exists afterwards even when there was nothing to retrain (a DVC output)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = trajectory_key(params, load_prepared(data_dir, params), ref_dir)
-    expected = {"eval_every": eval_every} if readout == "trajectory" else {}
+    run = ReferenceRun(params, data_dir, ref_dir)
+    expected = {"readouts": sorted(readouts), "eval_every": eval_every}
+    workers = params.parallel.workers
     with process_group() as ranks:
         if ranks.is_main:
             remove_temporaries(out_dir)
         ranks.barrier()
-        todo = {n: o for n, o in orders.items() if not is_complete(result_path(out_dir, n), o, key, expected)}
+        todo = {n: o for n, o in orders.items() if not is_complete(result_path(out_dir, n), o, run.key, expected)}
         ranks.barrier()   # every rank has its list before any rank writes a result
         if ranks.is_main:
             log.info("%s: %d of %d orders already stored, %d to retrain", desc, len(orders) - len(todo), len(orders),
@@ -121,15 +124,16 @@ def retrain_all(params: Params, orders: dict[str, list[int]], data_dir: Path, re
             with tempfile.TemporaryDirectory(prefix="fut-retrain-") as tmp:
                 job = Path(tmp) / "job.json"
                 atomic_write_json(job, {"orders": todo, "data_dir": str(data_dir), "ref_dir": str(ref_dir),
-                                        "out_dir": str(out_dir), "readout": readout, "eval_every": eval_every,
+                                        "out_dir": str(out_dir), "readouts": list(readouts), "eval_every": eval_every,
                                         "desc": desc})
                 launch(["retrain-job", str(job)], min(workers, len(todo)), desc, to_yaml(params))
         elif todo:
-            oracle, retrain = Oracle(params, data_dir, ref_dir), _readout(readout, eval_every)
+            oracle = Oracle(run)
             mine = ranks.mine(list(todo), [1.0] * len(todo))
             bar_desc = desc if ranks.world == 1 else f"{desc} rank {ranks.rank}/{ranks.world}"
             for name in tqdm(mine, desc=bar_desc, position=ranks.rank, disable=not progress):
-                atomic_write_json(result_path(out_dir, name), {"name": name, **retrain(oracle, todo[name])})
+                atomic_write_json(result_path(out_dir, name),
+                                  {"name": name, **oracle.retrain(todo[name], readouts, eval_every)})
             ranks.barrier()
     return {n: read_json(result_path(out_dir, n)) for n in orders}
 
@@ -137,15 +141,8 @@ def retrain_all(params: Params, orders: dict[str, list[int]], data_dir: Path, re
 def run_retrain_job(job_file: Path, params: Params) -> None:
     """A torchrun rank's part of `retrain_all`'s launch (`python -m fut retrain-job JOB --params FILE`)."""
     job = read_json(job_file)
-    retrain_all(params, job["orders"], Path(job["data_dir"]), Path(job["ref_dir"]), Path(job["out_dir"]), 1,
-                job["readout"], job["eval_every"], job["desc"])
-
-
-def run_groundtruth(params: Params, orders: dict[str, list[int]], data_dir: Path, ref_dir: Path, out_dir: Path,
-                    eval_every: int, workers: int, progress: bool = True) -> dict[str, dict]:
-    """Retrain every order not already stored (its eval loss every `eval_every` steps); all results by name."""
-    return retrain_all(params, orders, data_dir, ref_dir, out_dir, workers, "trajectory", eval_every,
-                       "ground truth", progress)
+    retrain_all(params, job["orders"], Path(job["data_dir"]), Path(job["ref_dir"]), Path(job["out_dir"]),
+                job["readouts"], job["eval_every"], job["desc"])
 
 
 def noise_floor(oracle: Oracle, seed: int = 0) -> dict:
@@ -153,11 +150,11 @@ def noise_floor(oracle: Oracle, seed: int = 0) -> dict:
     (relative 2^-23, random signs), and the window trained with another thread count. Training has no other
     per-run randomness (no dropout, fixed batches), so this is the spread two runs of the same order can show.
     The parameter change is relative to how far the window moves the parameters."""
-    T = oracle.params.window.steps
+    T = oracle.run.T
     s = oracle.start
 
     def outcome(start: TrainState) -> tuple[float, torch.Tensor]:
-        trainer = oracle.retrain_trainer(range(T), start=start)
+        trainer = oracle.trainer(range(T), start=start)
         theta = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
         return ppl(eval_losses(trainer, oracle.prepared)[0]), theta
 

@@ -22,14 +22,18 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy import stats
 
-from .applications import (bootstrap_mean_ci, domain_groups, estimated_readouts, finite_or_none, measured,
-                           retrain_orders)
+from .applications import APPLICATION_READOUTS, estimated_readouts
 from .config import ConfigError, Params
+from .costs import measured
 from .data import Prepared
 from .estimators import EstimationContext
-from .storage import read_json
+from .evaluation import finite_or_none
+from .groundtruth import retrain_all
+from .orders import domain_groups
+from .protocol import dev_truth
+from .reference import ReferenceRun
+from .stats import mean_ci, rank_correlation
 
 GROUPS = ("batch", "similar", "same_domain", "other_domains", "dissimilar")
 
@@ -99,12 +103,6 @@ def readout_sets(prepared: Prepared, batches: Sequence[int],
     return out
 
 
-def _corr(est: np.ndarray, true: np.ndarray) -> float | None:
-    if len(est) < 2 or np.ptp(est) == 0 or np.ptp(true) == 0:
-        return None
-    return float(stats.spearmanr(est, true).statistic)
-
-
 def compare(est: np.ndarray, true: np.ndarray) -> dict:
     """MSE, mean absolute error and Spearman of paired estimates and truths; null where an estimate diverged."""
     est, true = np.asarray(est, dtype=float), np.asarray(true, dtype=float)
@@ -112,19 +110,19 @@ def compare(est: np.ndarray, true: np.ndarray) -> dict:
     if n_bad:
         return {"mse": None, "mae": None, "spearman": None, "n": int(len(true)), "n_non_finite": n_bad}
     return {"mse": float(np.mean((est - true) ** 2)), "mae": float(np.mean(np.abs(est - true))),
-            "spearman": _corr(est, true), "n": int(len(true)), "n_non_finite": 0}
+            "spearman": rank_correlation(est, true), "n": int(len(true)), "n_non_finite": 0}
 
 
 def memorization(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: Path,
                  out_dir: Path) -> tuple[dict, dict]:
     """Estimated and true memorization grids, and the generalization placement effects."""
     mc, default = params.memorization, params.estimate.default
-    truth_gt = read_json(Path(gt_dir) / "results.json")
+    truth_gt = dev_truth(gt_dir)
     if mc.base_order not in truth_gt:
         raise ConfigError(f"params: memorization.base_order = {mc.base_order!r} is not a ground-truth order; "
                          f"expected one of {', '.join(sorted(truth_gt))}")
     base = truth_gt[mc.base_order]["order"]
-    ctx = EstimationContext(params, data_dir, ref_dir, cache_dir)
+    ctx = EstimationContext(ReferenceRun(params, data_dir, ref_dir), cache_dir)
     prepared, T = ctx.prepared, params.window.steps
     batches = pick_batches(prepared.window_domains, mc.batches)
     positions = spread(T, mc.positions)
@@ -159,8 +157,8 @@ def memorization(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path,
 
     name = lambda i, j: f"b{i:03d}-p{j:03d}"
     with measured() as truth_cost:
-        results = retrain_orders(params, {name(i, j): placement_order(base, i, j) for i, j in true_cells}, data_dir,
-                                 ref_dir, Path(out_dir) / "orders", params.groundtruth.workers, "memorization")
+        results = retrain_all(params, {name(i, j): placement_order(base, i, j) for i, j in true_cells}, data_dir,
+                              ref_dir, Path(out_dir) / "orders", APPLICATION_READOUTS, 0, "memorization")
     truth = {}
     for i, j in true_cells:
         r = results[name(i, j)]
@@ -185,7 +183,7 @@ def memorization(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path,
         scores[method] = compare(est_m, true_m)
         # Centred within each batch over its positions: the placement effect alone, without the batch's
         # difficulty (which even `naive`, blind to order, ranks perfectly).
-        scores[method]["spearman_placement"] = (_corr(centre(est_m), centre(true_m))
+        scores[method]["spearman_placement"] = (rank_correlation(centre(est_m), centre(true_m))
                                                 if scores[method]["n_non_finite"] == 0 else None)
         scores[method]["cost"] = costs.get(method)
         if method == "naive":
@@ -202,7 +200,7 @@ def memorization(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path,
     for g in GROUPS:
         vals = [v for (_, gg), v in true_effects.items() if gg == g]
         if vals:
-            ci = bootstrap_mean_ci(vals, params.estimate.bootstrap, 0)
+            ci = mean_ci(vals, params.estimate.bootstrap, 0)
             true_mean[g] = {"mean": float(np.mean(vals)), "ci": list(ci)}
 
     mean_of = lambda key: float(np.mean([r.get(key, r["seconds"]) for r in results.values()]))

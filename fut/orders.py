@@ -83,3 +83,85 @@ def groundtruth_orders(steps: int, n_random: int, seed: int, structured: Sequenc
     if "hard_to_easy" in structured:
         orders["hard_to_easy"] = by_difficulty(batch_losses, hardest_last=False)
     return orders
+
+
+def family(name: str) -> str:
+    """The family an order's name belongs to: `random`, `domain_blocks` or `structured` (reversed, easy→hard,
+    hard→easy, interleavings); `identity` is the reference itself and is never scored."""
+    base = name.removeprefix("test-")
+    if base == "identity":
+        return "identity"
+    if base.startswith("random"):
+        return "random"
+    if base.startswith("domains"):
+        return "domain_blocks"
+    return "structured"
+
+
+FAMILIES = ("random", "domain_blocks", "structured")
+
+
+def test_orders(steps: int, cfg, window_domains: Sequence[int], batch_losses: Sequence[float],
+                exclude: Sequence[Sequence[int]]) -> dict[str, list[int]]:
+    """The test set (`cfg`: params groundtruth.test): random permutations from its own seed, and structured
+    orders the dev set does not hold: domain blocks in a random domain order with each block shuffled, easy→hard
+    and hard→easy by reference loss with seeded jitter, and round-robin domain interleavings with a random
+    domain rotation and each domain's batches shuffled. No test order equals one of `exclude` (the dev orders) or
+    another test order: a draw that does is drawn again."""
+    rng = random.Random(cfg.seed)
+    seen = {tuple(o) for o in exclude}
+    by_domain: dict[int, list[int]] = {}
+    for j, d in enumerate(window_domains):
+        by_domain.setdefault(d, []).append(j)
+    spread = (max(batch_losses) - min(batch_losses)) / len(batch_losses) if len(batch_losses) > 1 else 1.0
+
+    def blocks() -> list[int]:
+        order = list(by_domain)
+        rng.shuffle(order)
+        return [j for d in order for j in rng.sample(by_domain[d], len(by_domain[d]))]
+
+    def jittered(hardest_last: bool) -> list[int]:
+        noisy = [x + rng.gauss(0.0, 2 * spread) for x in batch_losses]
+        return by_difficulty(noisy, hardest_last)
+
+    def interleaved() -> list[int]:
+        order = list(by_domain)
+        rng.shuffle(order)
+        return round_robin([rng.sample(by_domain[d], len(by_domain[d])) for d in order])
+
+    kinds = [("random", cfg.n_random, lambda: rng.sample(range(steps), steps))]
+    if min(window_domains) >= 0 and len(by_domain) > 1:
+        kinds += [("domains", cfg.domain_blocks, blocks), ("interleaved", cfg.interleaved, interleaved)]
+    kinds += [("easy_to_hard", cfg.difficulty, lambda: jittered(True)),
+              ("hard_to_easy", cfg.difficulty, lambda: jittered(False))]
+    out = {}
+    for kind, n, draw in kinds:
+        for i in range(n):
+            for _ in range(1000):
+                order = draw()
+                if tuple(order) not in seen:
+                    break
+            else:
+                raise OrderError(f"groundtruth.test: could not draw a test order of kind {kind!r} that differs from "
+                                 f"every dev order and the other test orders (window.steps = {steps} is too short "
+                                 f"for {n} of them); lower groundtruth.test.{'n_random' if kind == 'random' else kind}")
+            seen.add(tuple(order))
+            out[f"test-{kind}-{i:03d}"] = order
+    return out
+
+
+def round_robin(queues: list[list[int]]) -> list[int]:
+    queues, out = [list(q) for q in queues], []
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
+def domain_groups(window_domains: Sequence[int]) -> dict[int, list[int]]:
+    """Window batch indices by domain index (-1: batches mixed from every domain)."""
+    out: dict[int, list[int]] = {}
+    for j, d in enumerate(window_domains):
+        out.setdefault(d, []).append(j)
+    return out

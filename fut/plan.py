@@ -9,38 +9,20 @@ checkpoint reads, about a fifth more, are not counted); divided over `cache.work
 from __future__ import annotations
 
 import shutil
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from .cache import cache_files, curvature_batches, curvature_steps, has_pairs
+from .cache import cache_files, curvature_batches, curvature_steps, gradient_counts
 from .config import Params
+from .costs import median_seconds
 from .curvature import LossFunction
 from .data import Prepared
-from .device import autocast, configure_threads, resolve_device, synchronize
+from .device import autocast, configure_threads, resolve_device
 from .flat import ParamLayout
 from .model import build_model, count_parameters
 from .storage import InsufficientDisk, format_bytes
 from .training import Trainer, TrainState
-
-
-def median_seconds(fn, repeat: int = 3, device: torch.device | None = None) -> float:
-    """Median wall time of `repeat` calls after one warm-up call; with `device`, each call counts until the
-    device has done its work (CUDA is asynchronous)."""
-    def call() -> None:
-        fn()
-        if device is not None:
-            synchronize(device)
-
-    call()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def time_units(params: Params, vocab_size: int) -> dict[str, float]:
@@ -76,22 +58,22 @@ def train_step_seconds(params: Params, prepared: Prepared, start: TrainState, re
 
 def cache_plan(params: Params, prepared: Prepared, cache_dir: Path) -> dict:
     """The cache's size and work for these params, what is already on disk, and the disk's free space."""
-    c, T, b = params.cache, params.window.steps, params.window.batch_size
+    c = params.cache
+    T, b = prepared.window.shape[:2]
     dim = count_parameters(params.model, prepared.vocab_size, params.data.seq_len)
     groups = list(curvature_batches(prepared, c.curvature_batch, c.curvature))
-    files = cache_files(params, dim, groups, Path(cache_dir))
-    pairs = sum(T if has_pairs(params, t) else 0 for t in range(T + 1))
-    own = sum(1 for t in range(T) if not has_pairs(params, t))
+    files = cache_files(params, T, dim, groups, Path(cache_dir))
     eval_batches = prepared.eval_mixed.shape[0] / b
-    hvps = len(groups) * len(curvature_steps(params)) * c.curvature_iterations
-    plan = {"params": dim, "files": len(files), "bytes": sum(n for _, n in files),
+    counts = gradient_counts(params, T, eval_batches)
+    hvps = len(groups) * len(curvature_steps(params, T)) * c.curvature_iterations
+    return {"params": dim, "files": len(files), "bytes": sum(n for _, n in files),
             "missing_bytes": sum(n for path, n in files if not path.exists()),
-            "pair_gradients": pairs, "own_gradients": own, "eval_gradients": T + 1,
-            "hessian_vector_products": hvps, "workers": c.workers,
+            **{k: v for k, v in counts.items() if k != "eval_gradients"},
+            "eval_gradients": int(round(counts["eval_gradients"] / eval_batches)),
+            "hessian_vector_products": hvps, "probe_readouts": c.probes, "workers": params.parallel.workers,
             "free_bytes": shutil.disk_usage(_existing(Path(cache_dir))).free,
-            "window_batch_equivalents": {"gradients": pairs + own + (T + 1) * eval_batches,
+            "window_batch_equivalents": {"gradients": sum(counts.values()),
                                          "hessian_vector_products": hvps * c.curvature_batch / b}}
-    return plan
 
 
 def with_time(plan: dict, params: Params, prepared: Prepared) -> dict:
@@ -122,8 +104,9 @@ def check_disk(plan: dict, cache_dir: Path) -> None:
 def describe(plan: dict) -> str:
     lines = [f"cache plan: {plan['files']} files, {format_bytes(plan['bytes'])} ({format_bytes(plan['missing_bytes'])} still to "
              f"write, {format_bytes(plan['free_bytes'])} free)",
-             f"  {plan['pair_gradients']} pair gradients + {plan['own_gradients']} own + {plan['eval_gradients']} "
-             f"eval gradients, {plan['hessian_vector_products']} Hessian-vector products, {plan['workers']} worker(s)"]
+             f"  {plan['pair_gradients']} pair gradients + {plan['own_gradients']} own + {plan['after_gradients']} "
+             f"after-step + {plan['eval_gradients']} eval gradients, {plan['hessian_vector_products']} Hessian-vector "
+             f"products, {plan['probe_readouts']} probe readouts, {plan['workers']} worker(s)"]
     if "estimated_seconds" in plan:
         lines.append(f"  estimated {plan['estimated_seconds']:.0f} s (gradient {plan['grad_seconds'] * 1e3:.1f} ms, "
                      f"HVP {plan['hvp_seconds'] * 1e3:.1f} ms on a window batch here)")

@@ -10,17 +10,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from .adam import AdamHyper
 from .config import Params
-from .data import Prepared
-from .device import configure_threads, describe_device, resolve_device
+from .curvature import LossFunction
+from .data import Prepared, load_prepared
+from .device import autocast, configure_threads, describe_device, resolve_device
 from .evaluation import eval_losses, window_batch_losses
-from .model import count_parameters
+from .flat import ParamLayout
+from .model import build_model, count_parameters
 from .storage import ArtefactMismatch, load_tensors, remove_temporaries, require_free_space, save_tensors, versions
-from .training import Trainer, TrainState, run_window, warm_start
+from .training import Trainer, TrainState, run_window, warm_start, window_lrs
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +145,54 @@ def run_reference(params: Params, prepared: Prepared, ref_dir: Path, progress: b
         "domain_eval_loss_start": domains0, "domain_eval_loss_end": domains_end,
         "batch_losses_start": batch_losses0, "adam_step_start": start.adam_step,
     }
+
+
+class ReferenceRun:
+    """The prepared data and the stored reference trajectory as every later stage reads them, loaded and checked
+    once: the oracle, the cache builder and reader, the estimators and the plan share one. Window length T and
+    batch size b are read here, from the prepared window's shape."""
+
+    def __init__(self, params: Params, data_dir: Path, ref_dir: Path, device: torch.device | None = None):
+        configure_threads(params.train)
+        self.params, self.data_dir, self.ref_dir = params, Path(data_dir), Path(ref_dir)
+        self.prepared = load_prepared(data_dir, params)
+        self.hash = reference_hash(params, self.prepared)
+        self.device = device or resolve_device(params.train)
+        self.start = load_checkpoint(ref_dir, 0, self.hash)
+        self.layout = ParamLayout.of(self.start.theta)
+        self.T, self.batch_size = self.prepared.window.shape[0], self.prepared.window.shape[1]
+        self.lrs = window_lrs(params)
+        self.hp = AdamHyper.from_config(params.optimizer)
+        self._flat: dict[int, tuple] = {}
+
+    @cached_property
+    def key(self) -> str:
+        """What results derived from this run depend on: its params and its stored trajectory's values."""
+        return self.hash + "/" + trajectory_digest(self.ref_dir, self.T)
+
+    @cached_property
+    def loss(self) -> LossFunction:
+        model = build_model(self.params.model, self.prepared.vocab_size, self.params.data.seq_len,
+                            self.prepared.eos_id)
+        return LossFunction(model.to(self.device), self.layout)
+
+    def state(self, t: int) -> TrainState:
+        return self.start if t == 0 else load_checkpoint(self.ref_dir, t, self.hash)
+
+    def flat(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """θ_t, m_t, v_t as flat vectors on the device, and the Adam step count; the last few are kept (replays
+        walk forward)."""
+        if t not in self._flat:
+            s = self.state(t)
+            self._flat = dict(list(self._flat.items())[-3:])
+            self._flat[t] = (*(self.layout.flatten(x).to(self.device) for x in (s.theta, s.m, s.v)), s.adam_step)
+        return self._flat[t]
+
+    def theta(self, t: int) -> torch.Tensor:
+        return self.flat(t)[0]
+
+    @torch.no_grad()
+    def loss_on(self, flat: torch.Tensor, seqs: torch.Tensor) -> float:
+        """Mean next-token loss of `seqs` at the flat parameters (on the device, in the training's precision)."""
+        with autocast(self.params.train, self.device):
+            return float(self.loss.loss(flat.to(self.device), seqs.to(self.device)))

@@ -19,14 +19,15 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
-from . import config, estimators, pipeline
-from .config import EIGENSPACES, SWEEP_KNOBS, Params
+from . import config, estimators, protocol
+from .config import SWEEP_KNOBS, Params
+from .estimators import EstimationContext
+from .reference import ReferenceRun
+from .stages import cache as cache_stage, groundtruth as groundtruth_stage, prepare as prepare_stage
+from .stages import reference as reference_stage
 from .storage import atomic_write_json, read_json, versions
-from .validation import accuracy
 
-SUMMARY = ("spearman", "kendall", "r2_order_effect", "absdiff_ppl", "rel_err", "n_non_finite")
+SUMMARY = ("spearman", "kendall", "r2_order_effect", "bias_ppl", "absdiff_ppl", "rel_err", "n", "n_non_finite")
 
 
 def points(params: Params) -> dict[str, dict[str, object]]:
@@ -51,8 +52,11 @@ def point_params(params: Params, overrides: dict[str, object], corpus_dir: Path)
     # prepares exactly the data of the default run.
     d["corpus"]["max_chars_per_domain"] = 2 ** 40
     s = params.sweep
-    d["groundtruth"].update(n_random=s.n_random, structured=list(s.structured), workers=1, eval_every=0)
-    d["cache"]["curvature"] = sorted({EIGENSPACES[m] for m in s.methods if m in EIGENSPACES})
+    # A point scores every order it retrains (its own dev set: no test set, nothing is chosen inside a point).
+    d["groundtruth"].update(n_random=s.n_random, structured=list(s.structured), eval_every=0,
+                            test={**d["groundtruth"]["test"], "n_random": 0, "domain_blocks": 0, "difficulty": 0,
+                                  "interleaved": 0})
+    d["parallel"]["workers"] = 1
     d["estimate"].update(methods=list(s.methods), default=s.methods[-1])
     return config.from_dict(copy.deepcopy(d))
 
@@ -60,7 +64,7 @@ def point_params(params: Params, overrides: dict[str, object], corpus_dir: Path)
 # The sections a point's run reads (its own corpus section only names where the text was read from, which
 # differs between machines: the base run's corpus definition stands for it).
 POINT_SECTIONS = ("tokenizer", "data", "model", "optimizer", "warmstart", "window", "train", "groundtruth", "cache",
-                  "estimate")
+                  "estimate", "sweep")
 
 
 def point_key(point: Params, base: Params) -> str:
@@ -73,30 +77,32 @@ def run_point(params: Params, key: str, name: str, work_dir: Path, out_file: Pat
     work = Path(work_dir) / name
     dirs = {k: work / k for k in ("prepared", "reference", "groundtruth", "cache")}
     t0 = time.perf_counter()
-    pipeline.prepare(params, dirs["prepared"])
-    _, ref = pipeline.reference(params, dirs["prepared"], dirs["reference"])
-    results, gt = pipeline.groundtruth(params, dirs["prepared"], dirs["reference"], dirs["groundtruth"])
-    cache = pipeline.cache(params, dirs["prepared"], dirs["reference"], dirs["cache"])
-    names = sorted(n for n in results if n != "identity")
-    orders = [results[n]["order"] for n in names]
-    true_loss = np.array([results[n]["eval_loss"] for n in names])
-    ctx = estimators.EstimationContext(params, dirs["prepared"], dirs["reference"], dirs["cache"])
-    methods = {}
+    prepare_stage.run(params, dirs["prepared"])
+    _, ref = reference_stage.run(params, dirs["prepared"], dirs["reference"])
+    results, gt = groundtruth_stage.run(params, dirs["prepared"], dirs["reference"], dirs["groundtruth"])
+    cache = cache_stage.run(params, dirs["prepared"], dirs["reference"], dirs["cache"])
+    truth = results[protocol.DEV]
+    named = protocol.scored({n: r["order"] for n, r in truth.items()})
+    ctx = EstimationContext(ReferenceRun(params, dirs["prepared"], dirs["reference"]), dirs["cache"])
+    estimates, seconds = {}, {}
     for method in params.estimate.methods:
-        est = estimators.estimate(ctx, orders, method)
-        acc = accuracy(est.eval_loss.double().numpy(), true_loss, ctx.naive_loss,
-                       params.estimate.bootstrap, params.estimate.holdout_seed)
-        methods[method] = {**{k: acc[k] for k in SUMMARY}, "r2_order_effect_ci": acc["r2_order_effect_ci"],
-                           "seconds_per_order": est.seconds / len(orders)}
+        est = estimators.estimate(ctx, list(named.values()), method)
+        estimates[method] = dict(zip(named, est.eval_loss.double().tolist()))
+        seconds[method] = est.seconds / len(named)
+    block = protocol.score_block(estimates, {n: truth[n]["eval_loss"] for n in named}, ctx.naive_loss,
+                                 params.estimate.bootstrap, 0)
+    methods = {m: {"families": {f: {k: v[m][k] for k in SUMMARY} for f, v in block["families"].items() if m in v},
+                   "seconds_per_order": seconds[m]} for m in params.estimate.methods}
     summary = {
         "point": name, "params_key": key, "versions": versions(),
         "window_steps": params.window.steps, "batch_size": params.window.batch_size, "lr": params.window.lr,
         "warmstart": params.warmstart.enabled, "n_params": ref["n_params"],
         "identity_retrain_bitwise": ref["identity_retrain_bitwise"],
         "eval_ppl_start": ref["eval_ppl_start"], "eval_ppl_end": ref["eval_ppl_end"],
-        "orders_scored": len(orders), "true_ppl_std": gt["true_ppl_std"], "random_ppl_std": gt["random_ppl_std"],
-        "retrain_seconds_per_order": statistics.fmean(results[n]["seconds"] for n in names),
-        "cache_seconds": cache["seconds"], "cache_seconds_per_pair": cache["seconds_per_pair"],
+        "orders_scored": len(named), "true_ppl_std": gt[protocol.DEV]["true_ppl_std"],
+        "random_ppl_std": gt[protocol.DEV]["families"].get("random", {}).get("true_ppl_std"),
+        "retrain_seconds_per_order": statistics.fmean(truth[n]["seconds"] for n in named),
+        "cache_seconds": cache["seconds"], "cache_seconds_per_gradient": cache["seconds_per_gradient"],
         "naive_eval_loss": ctx.naive_loss, "methods": methods, "seconds": time.perf_counter() - t0,
     }
     atomic_write_json(out_file, summary)

@@ -1,0 +1,216 @@
+"""Stage `estimate`: every configured estimator on the dev orders (the block every choice was made on) and on the
+test orders (the final table, scored by fut.protocol.final_scoring), against retraining; costs against a retrain
+timed as a user gets the same number."""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import estimators, protocol
+from ..cache import gradient_counts, subspace_checkpoints
+from ..config import Params
+from ..costs import fair_retrain_seconds, measured
+from ..estimators import EstimationContext
+from ..groundtruth import Oracle
+from ..methods import METHODS
+from ..orders import family
+from ..reference import ReferenceRun
+from ..stats import rank_correlation
+from ..storage import read_json
+from ..subspace import probe_orders
+
+log = logging.getLogger(__name__)
+
+FROM_SCRATCH = (10, 100, 1000)
+TIMED_RETRAINS = 5
+THROUGHPUT_ORDERS = 20_000
+
+
+def expensive_subset(orders: dict[str, list[int]], n: int) -> dict[str, list[int]]:
+    """The orders the exact-curvature references are scored on: half random, half the others (in name order)."""
+    rand = sorted(o for o in orders if family(o) == "random")
+    rest = sorted(o for o in orders if family(o) != "random")
+    keep = rand[: (n + 1) // 2] + rest[: n // 2]
+    return {k: orders[k] for k in sorted(keep)}
+
+
+def one_time_seconds(method: str, params: Params, stats: dict, T: int, eval_batches: float) -> float:
+    """The cache work a method reads, in seconds, from the cache build's own records: every gradient it needs at
+    the measured seconds per gradient, its eigenspaces' Lanczos and fut-subspace's matrices."""
+    m = METHODS[method]
+    if method == "naive":
+        return 0.0
+    per_grad = stats["seconds_per_gradient"]
+    per_eval = stats["eval_grad_seconds"] / max(gradient_counts(params, T, eval_batches)["eval_gradients"], 1e-12)
+    if m.needs_subspace:
+        grads = len(subspace_checkpoints(params, T)) * T + 2 * T
+        evals = eval_batches
+        extra = stats["curvature_seconds"] + stats["subspace_seconds"]
+    else:
+        counts = gradient_counts(params, T, eval_batches)
+        grads = counts["pair_gradients"] + counts["own_gradients"]
+        evals = counts["eval_gradients"] if m.needs_eval_gradients else eval_batches
+        extra = (stats["curvature_seconds"] if m.needs_eigenspaces else 0.0) + (
+            stats["projection_seconds"] if m.needs_projection else 0.0)
+    return grads * per_grad + evals * per_eval + extra
+
+
+def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: Path) -> tuple[dict, dict]:
+    e = params.estimate
+    ref = ReferenceRun(params, data_dir, ref_dir)
+    with measured() as load:
+        ctx = EstimationContext(ref, cache_dir)
+    summary = read_json(Path(ref_dir) / "summary.json")
+    splits = protocol.split_orders(params, ref.prepared.window_domains, len(ref.prepared.domains),
+                                   summary["batch_losses_start"])
+    dev = protocol.dev_truth(gt_dir)
+    orders = {protocol.DEV: protocol.scored({n: r["order"] for n, r in dev.items()}),
+              protocol.TEST: protocol.scored(splits[protocol.TEST])}
+
+    # A retrain as a user gets the same number: the window and the final eval loss, in this process.
+    oracle = Oracle(ref)
+    timed = [o for n, o in orders[protocol.DEV].items() if family(n) == "random"][:TIMED_RETRAINS]
+    retrain = fair_retrain_seconds(oracle.eval_loss, timed, ref.device)
+    retrain_s = retrain["median"]
+
+    estimates = {split: {} for split in orders}
+    seconds, diverged = {}, {}
+    for method in e.methods:
+        for split, named in orders.items():
+            chosen = expensive_subset(named, e.expensive_orders) if METHODS[method].expensive else named
+            est = estimators.estimate(ctx, list(chosen.values()), method, e.readout, e.k)
+            estimates[split][method] = dict(zip(chosen, est.eval_loss.double().tolist()))
+            if split == protocol.TEST:
+                seconds[method] = est.seconds / len(chosen)
+                diverged[method] = min((t for t in est.non_finite_step if t is not None), default=None)
+        log.info("%s: %.4f s per order", method, seconds[method])
+
+    dev_block = protocol.score_block(estimates[protocol.DEV], {n: dev[n]["eval_loss"] for n in orders[protocol.DEV]},
+                                     ctx.naive_loss, e.bootstrap, 0)
+
+    def same_orders(stored: dict[str, list[int]]) -> None:
+        if protocol.scored(stored) != orders[protocol.TEST]:
+            raise ValueError(f"{gt_dir}/test holds other orders than params groundtruth.test generates; rerun the "
+                             "groundtruth stage (dvc repro groundtruth)")
+
+    test_block, test_rows = protocol.final_scoring(gt_dir, estimates[protocol.TEST], ctx.naive_loss, e.bootstrap, 0,
+                                                   same_orders)
+
+    cache_stats = read_json(Path(cache_dir) / "stats.json")
+    eval_batches = ref.prepared.eval_mixed.shape[0] / ref.batch_size
+    methods = {}
+    for method in e.methods:
+        once = one_time_seconds(method, params, cache_stats, ref.T, eval_batches)
+        sec = seconds[method]
+        methods[method] = {
+            "family": METHODS[method].family, "about": METHODS[method].about, "readout": METHODS[method].readout,
+            "seconds_per_order": sec, "speedup_vs_retrain": retrain_s / sec if sec > 0 else None,
+            "one_time_seconds": once,
+            "break_even_orders": once / (retrain_s - sec) if method != "naive" and sec < retrain_s else None,
+            "first_non_finite_step": diverged[method],
+            "scored_on": "a subset" if METHODS[method].expensive else "all orders"}
+
+    default = e.default
+    end_to_end = _end_to_end_seconds(ref, cache_dir, list(orders[protocol.TEST].values()), default)
+    per_order = end_to_end["seconds"] / len(orders[protocol.TEST])
+    once = methods[default]["one_time_seconds"]
+    metrics = {
+        "default_method": default, "readout": e.readout, "naive_eval_loss": ctx.naive_loss,
+        "retrain_seconds_per_order": retrain_s, "retrain_seconds_timed": retrain["all"],
+        "default_seconds_per_order": per_order, "speedup_per_order": retrain_s / per_order,
+        "break_even_orders": once / (retrain_s - per_order) if per_order < retrain_s else None,
+        "from_scratch": {str(n): {"estimate_seconds": once + n * per_order, "retrain_seconds": n * retrain_s,
+                                  "speedup": n * retrain_s / (once + n * per_order)} for n in FROM_SCRATCH},
+        "context_seconds": load.seconds, "end_to_end": end_to_end,
+        "methods": methods, "dev": dev_block, "test": test_block,
+        "readouts": _readout_fidelity(estimates[protocol.TEST], seconds),
+        "surrogate": _throughput(ctx, default, test_block, ref.T),
+        "expensive_orders": e.expensive_orders,
+    }
+    trajectories = estimate_trajectories(ctx, oracle, dev, _trajectory_orders(dev, e.trajectory_orders), e.methods)
+    for method, err in trajectories["error"].items():
+        metrics["methods"][method].update(err)
+    metrics["trajectory_orders"] = trajectories["orders"]
+    dev_rows = protocol.per_order_rows(estimates[protocol.DEV], {n: dev[n]["eval_loss"] for n in orders[protocol.DEV]},
+                                       protocol.DEV)
+    return {"per_order": dev_rows + test_rows, "trajectories": trajectories}, metrics
+
+
+def _end_to_end_seconds(ref: ReferenceRun, cache_dir: Path, orders: list[list[int]], method: str) -> dict:
+    """The default method as a user runs it on the test orders: a fresh context (cache reads and checks
+    included), then the estimates."""
+    t0 = time.perf_counter()
+    ctx = EstimationContext(ReferenceRun(ref.params, ref.data_dir, ref.ref_dir), cache_dir)
+    t1 = time.perf_counter()
+    estimators.estimate(ctx, orders, method)
+    t2 = time.perf_counter()
+    return {"seconds": t2 - t0, "context_seconds": t1 - t0, "estimate_seconds": t2 - t1, "n_orders": len(orders)}
+
+
+def _readout_fidelity(test: dict[str, dict[str, float]], seconds: dict[str, float]) -> dict:
+    """fut-subspace's readouts side by side on the test orders: how the quadratic one agrees with evaluating the
+    estimated parameters (ranking and absolute error in loss), and what each costs per order."""
+    quad, exact = test.get("fut-subspace"), test.get("fut-subspace:exact")
+    if not quad or not exact:
+        return {}
+    names = sorted(set(quad) & set(exact))
+    q, x = np.array([quad[n] for n in names]), np.array([exact[n] for n in names])
+    return {"quadratic_vs_exact_spearman": rank_correlation(q, x),
+            "quadratic_vs_exact_mean_abs_loss": float(np.mean(np.abs(q - x))),
+            "quadratic_seconds_per_order": seconds["fut-subspace"],
+            "exact_seconds_per_order": seconds["fut-subspace:exact"], "n": len(names)}
+
+
+def _throughput(ctx: EstimationContext, method: str, test_block: dict, T: int) -> dict:
+    """How many orders per second the default method scores in one batched call (random permutations), and its
+    test-set accuracy: what a search can afford per candidate."""
+    if not method.startswith("fut-subspace") or METHODS[method].readout != "quadratic":
+        return {}
+    sigma = probe_orders(T, ["g"] * T, THROUGHPUT_ORDERS, seed=7)
+    ctx.subspace.quadratic(ctx.subspace.replay(torch.tensor(sigma[:100])), ctx.naive_loss)   # warm up
+    t0 = time.perf_counter()
+    ctx.subspace.quadratic(ctx.subspace.replay(torch.tensor(sigma)), ctx.naive_loss)
+    sec = time.perf_counter() - t0
+    return {"method": method, "orders_per_second": len(sigma) / sec, "n_orders_timed": len(sigma),
+            "families": {f: {method: m[method]} for f, m in test_block["families"].items() if method in m}}
+
+
+def _trajectory_orders(dev: dict, n: int) -> list[str]:
+    """Dev orders the trajectory figure follows: half random, half structured."""
+    rand = sorted(k for k in dev if family(k) == "random")
+    other = sorted(k for k in dev if family(k) in ("domain_blocks", "structured"))
+    return rand[: (n + 1) // 2] + other[:: max(1, len(other) // max(n // 2, 1))][: n // 2]
+
+
+def estimate_trajectories(ctx: EstimationContext, oracle: Oracle, truth: dict, names: list[str],
+                          methods: list[str]) -> dict:
+    """Estimated and true eval loss along the steps for a few dev orders (the paper's trajectory figure), and per
+    parameter-space method the mean error along the steps and the parameter error ‖γ_est − γ_true‖ /
+    ‖θ_T − γ_true‖ at the end."""
+    methods = [m for m in methods if METHODS[m].estimates_parameters and m != "naive" and not METHODS[m].expensive
+               and METHODS[m].readout == "exact"]     # fut-subspace's parameters: through fut-subspace:exact
+    rows, errors = [], {m: {"loss": [], "param": []} for m in methods}
+    for name in names:
+        order = truth[name]["order"]
+        true_curve = dict(zip(truth[name]["trajectory"]["step"], truth[name]["trajectory"]["eval_loss"]))
+        gamma_true = ctx.layout.flatten(oracle.trainer(order).state().theta).to(ctx.device)
+        for method in methods:
+            est, delta = estimators.estimate_along_steps(ctx, order, method, sorted(true_curve))
+            for step, true_loss in sorted(true_curve.items()):
+                rows.append({"method": method, "order": name, "family": family(name), "step": step,
+                             "true_loss": true_loss, "est_loss": est[step]})
+                errors[method]["loss"].append(abs(est[step] - true_loss))
+            errors[method]["param"].append(
+                float((ctx.params_at(delta) - gamma_true).norm() / (ctx.theta_T - gamma_true).norm()))
+
+    def mean(xs):   # a diverged method (non-finite estimates) has no error to report: null, never NaN
+        return statistics.fmean(xs) if xs and all(np.isfinite(xs)) else None
+
+    summary = {m: {"mean_abs_loss_error_along_steps": mean(v["loss"]), "param_error": mean(v["param"])}
+               for m, v in errors.items() if v["loss"]}
+    return {"rows": rows, "error": summary, "orders": names}

@@ -1,0 +1,121 @@
+"""fut-subspace's closed form (fut/subspace.py) on synthetic data: the replay in coefficients is the full-space
+linear recursion it stands for, exactly; the identity order gives the reference exactly; the interpolation knots
+and the readout fit do what they say."""
+import math
+
+import pytest
+import torch
+
+from fut.adam import AdamHyper
+from fut.subspace import SubspaceSources, build_subspace, delta, interpolation, probe_orders
+
+T, D, R = 6, 40, 3
+HP = AdamHyper(0.9, 0.999, 1e-8, 0.01)
+
+
+def synthetic(seed: int = 0, checkpoints=(0, 6)) -> tuple[SubspaceSources, dict]:
+    """Random 'gradients', trajectory and eigenspaces with the shapes of a real cache (d = 40, T = 6, two groups)."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen)
+    pairs = {c: rnd(T, D) for c in checkpoints}
+    own, after = rnd(T, D), rnd(T, D)
+    groups = ["a", "b", "a", "b", "a", "b"]
+    eigen = {}
+    for g in ("a", "b"):
+        q, _ = torch.linalg.qr(rnd(D, R))
+        eigen[(0, g)] = (torch.rand(R, generator=gen) * 5 + 1, q.t().contiguous())
+    keys = sorted(eigen)
+    thetas = rnd(T + 1, D)
+    basis = torch.cat([pairs[c] for c in checkpoints] + [own, after] + [eigen[k][1] for k in keys])
+    src = SubspaceSources(pair_checkpoints=list(checkpoints), eigen_keys=keys,
+                          eigen_values=[eigen[k][0] for k in keys], groups=groups,
+                          rows=lambda cols: basis[:, cols], dim=D, chunk=7, theta=lambda t: thetas[t],
+                          precond=torch.rand(D, generator=gen) + 0.5, eval_grad=rnd(D),
+                          lrs=[0.01] * T, adam_steps=[100 + t + 1 for t in range(T)], hp=HP)
+    return src, {"pairs": pairs, "own": own, "after": after, "eigen": eigen, "thetas": thetas}
+
+
+def direct_recursion(src: SubspaceSources, raw: dict, order: list[int]) -> torch.Tensor:
+    """The linear recursion in full space, written out: μ ← β1 μ + (1−β1)(ĝ − g_own + H δ), δ ← a δ − b P̄ μ."""
+    bc2_mid = 1 - HP.beta2 ** src.adam_steps[T // 2]
+    delta_, mu = torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+    P = src.precond.double()
+    for t, j in enumerate(order):
+        vals, vecs = (x.double() for x in raw["eigen"][(0, src.groups[j])])
+        force = torch.zeros(D, dtype=torch.float64)
+        if j != t:
+            line = torch.zeros(D, dtype=torch.float64)
+            for (kind, idx), w, at in interpolation(t, j, src.pair_checkpoints):
+                g = {"pair": lambda: raw["pairs"][idx][j], "own": lambda: raw["own"][idx],
+                     "after": lambda: raw["after"][idx]}[kind]()
+                force += w * g.double()
+                line += w * raw["thetas"][at].double()
+            force += vecs.t() @ (vals * (vecs @ (raw["thetas"][t].double() - line))) - raw["own"][t].double()
+        mu = HP.beta1 * mu + (1 - HP.beta1) * (force + vecs.t() @ (vals * (vecs @ delta_)))
+        steps = src.adam_steps[t]
+        b = src.lrs[t] / (1 - HP.beta1 ** steps) * math.sqrt((1 - HP.beta2 ** steps) / bc2_mid)
+        delta_ = (1 - src.lrs[t] * HP.weight_decay) * delta_ - b * P * mu
+    return delta_
+
+
+@pytest.mark.parametrize("checkpoints", [(0, 6), (0, 3, 6)])
+def test_closed_form_replay_is_the_full_space_recursion(checkpoints):
+    src, raw = synthetic(checkpoints=checkpoints)
+    sub = build_subspace(src, None, 0.0, 0, 0)
+    orders = [[5, 4, 3, 2, 1, 0], [1, 0, 3, 2, 5, 4], [0, 2, 4, 1, 3, 5]]
+    S = sub.replay(torch.tensor(orders))
+    got = delta(S, src.rows, src.precond, D, src.chunk).double()
+    for i, order in enumerate(orders):
+        want = direct_recursion(src, raw, order)
+        # float32 basis and preconditioner (as stored) against the float64 recursion
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_identity_order_gives_the_reference_exactly():
+    src, _ = synthetic()
+    sub = build_subspace(src, None, 0.0, 0, 0)
+    S = sub.replay(torch.tensor([list(range(T))]))
+    assert torch.count_nonzero(S) == 0
+    sub.readout_coef = torch.tensor([0.3, 0.7, 11.0], dtype=torch.float64)
+    assert float(sub.quadratic(S, 2.5)[0]) == 2.5
+
+
+def test_interpolation_knots_around_a_batchs_own_step():
+    # B_3 between pair checkpoints 0 and 6: cached at 0 (pair), 3 (own gradient), 4 (after its step), 6 (pair)
+    assert interpolation(3, 3, [0, 6]) == [(("own", 3), 1.0, 3)]
+    assert interpolation(4, 3, [0, 6]) == [(("after", 3), 1.0, 4)]
+    w = interpolation(1, 3, [0, 6])
+    assert [k for k, _, _ in w] == [("pair", 0), ("own", 3)] and [x for _, x, _ in w] == pytest.approx([2 / 3, 1 / 3])
+    w = interpolation(5, 3, [0, 6])
+    assert [k for k, _, _ in w] == [("after", 3), ("pair", 6)] and [x for _, x, _ in w] == pytest.approx([0.5, 0.5])
+
+
+def test_quadratic_readout_fit_recovers_a_readout_that_is_quadratic():
+    """If the exact readout is L_T + ∇Lᵀδ + Σ c_g q_g + κ r (its own features), the fit finds c_g and κ."""
+    src, _ = synthetic()
+    sub = build_subspace(src, None, 1.0, 0, 0)
+    truth = torch.tensor([0.25, 2.0, 5.0], dtype=torch.float64)
+
+    def exact(deltas: torch.Tensor) -> torch.Tensor:      # readout features recomputed from δ in full space
+        sigma = torch.tensor(probe_orders(T, src.groups, 24, 3))
+        f = sub.readout_features(sub.replay(sigma))
+        return 1.0 + f[:, 0] + f[:, 1:] @ truth
+
+    fitted = build_subspace(src, exact, 1.0, 24, 3)
+    torch.testing.assert_close(fitted.readout_coef, truth, rtol=1e-6, atol=1e-8)
+
+
+def test_probe_orders_are_permutations_and_seeded():
+    groups = ["a", "b"] * 4
+    a, b = probe_orders(8, groups, 12, 5), probe_orders(8, groups, 12, 5)
+    assert a == b and all(sorted(o) == list(range(8)) for o in a)
+    blocks = a[3]                               # every 4th is a domain-block order
+    assert [groups[j] for j in blocks] in (["a"] * 4 + ["b"] * 4, ["b"] * 4 + ["a"] * 4)
+
+
+def test_tensors_round_trip():
+    src, _ = synthetic()
+    sub = build_subspace(src, None, 0.0, 0, 0)
+    again = type(sub).from_tensors(sub.tensors(), sub.metadata())
+    sigma = torch.tensor([[1, 0, 3, 2, 5, 4]])
+    assert torch.equal(again.replay(sigma), sub.replay(sigma))
