@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fut import config, pipeline, reliability
+from fut import config, pipeline
 from fut.data import load_prepared
 from fut.device import describe_device, resolve_device
 from fut.plan import train_step_seconds
@@ -35,6 +35,8 @@ from fut.reference import load_checkpoint, reference_hash
 from fut.storage import atomic_write_json, format_bytes, versions
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # checks/ (the tiny params) sits beside benchmarks/ and is not installed
+from checks import tiny  # noqa: E402
 
 # The profile shrunk to one short run: 200 warm-start steps, a window of 6 batches, 10 random orders and the
 # reversed one retrained (half of them held out for the check), pairs at every 3rd checkpoint and rank-4
@@ -61,8 +63,8 @@ def small_params(profile: Path, sizes_from: Path | None) -> dict:
 
 
 def tiny_params(profile: Path, work: Path) -> dict:
-    """The tests' tiny model and text (fut.reliability) with the profile's cache layout and methods."""
-    p = reliability.tiny_params(ROOT / "params.yaml", reliability.write_tiny_text(work / "text"))
+    """The tests' tiny model and text (checks/tiny.py) with the profile's cache layout and methods."""
+    p = tiny.tiny_params(tiny.write_tiny_text(work / "text"))
     prof = yaml.safe_load(profile.read_text())
     cache = {k: prof["cache"][k] for k in ("dtype", "curvature") if k in prof["cache"]}
     methods = {s: {"methods": prof[s]["methods"]} for s in ("estimate", "sweep", "memorization") if s in prof}

@@ -3,19 +3,17 @@
   python -m fut retrain  --orders FILE [--params params.yaml]
   python -m fut estimate --orders FILE [--method NAME] [--params params.yaml]
   python -m fut sweep [--jobs N] [--only POINT ...] [--params params.yaml]
-  python -m fut reliability [--out reports/metrics/reliability.json] [--params params.yaml]
   python -m fut plan [--params params.yaml] [--no-timing]
   torchrun --nproc-per-node N -m fut cache [--params params.yaml]   (or python -m fut cache)
 
 FILE holds one order per line, comma-separated batch indices. Both print a JSON list, one object per order:
-{"order": [...], "eval_loss": x, "eval_ppl": y} (plus "method" for estimate). `sweep` runs the ablations
-that need their own reference run (params `sweep`; see fut/sweep.py) and writes reports/sweeps/POINT.json.
-`plan` prints what the cache of these params will cost (files, bytes, gradient evaluations, estimated time)
-and exits with status 1 when its disk cannot hold it. `cache` builds the cache, shared over the ranks when
-launched by torchrun (any number of processes or nodes; each rank builds its share of the work units, rank 0
-writes the manifest), else with `cache.workers` ranks it launches itself. `reliability` runs the fault,
-bad-input and determinism scenarios of fut/reliability.py on tiny params (a few minutes) and writes their
-counts and outcomes.
+{"order": [...], "eval_loss": x, "eval_ppl": y} (plus "method" for estimate); `retrain` shows its progress on
+stderr. `sweep` runs the ablations that need their own reference run (params `sweep`; see fut/sweep.py) and
+writes reports/sweeps/POINT.json. `plan` prints what the cache of these params will cost (files, bytes, gradient
+evaluations, estimated time) and exits with status 1 when its disk cannot hold it. `cache` builds the cache,
+shared over the ranks when launched by torchrun (any number of processes or nodes; each rank builds its share of
+the work units, rank 0 writes the manifest), else with `cache.workers` ranks it launches itself.
+A refused input (params, orders, missing or mismatched artefacts) is one line on stderr, `error: ...`, exit 2.
 """
 from __future__ import annotations
 
@@ -23,100 +21,188 @@ import argparse
 import json
 import logging
 import sys
+from importlib import metadata
 from pathlib import Path
+
+import yaml
+from tqdm import tqdm
 
 from . import config
 from .config import METHODS
 from .evaluation import ppl
 from .orders import OrderError, parse_orders_file
+from .storage import ArtefactMismatch
+
+# Refusals of the files a command reads: printed as one line, never as a traceback.
+REFUSED = (config.ConfigError, OrderError, FileNotFoundError, ArtefactMismatch)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fut", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("retrain", "estimate"):
-        p = sub.add_parser(name)
-        p.add_argument("--orders", required=True, type=Path, help="one order per line, comma-separated indices")
-        p.add_argument("--params", default=Path("params.yaml"), type=Path)
-        p.add_argument("--data", default=Path("data/prepared"), type=Path)
-        p.add_argument("--reference", default=Path("data/reference"), type=Path)
+class _Parser(argparse.ArgumentParser):
+    """A usage error is refused like any other input: one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} -h\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default; one whose default is None says in its help what it defaults to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _version() -> str:
+    """The installed distribution's version; fut/__init__.py's when run from a source tree not installed."""
+    try:
+        return metadata.version("fut")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m fut", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fut {_version()}", help="print fut's version")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        p.add_argument("--params", default=Path("params.yaml"), type=Path, help="the params file")
+        return p
+
+    def stage_dirs(p: argparse.ArgumentParser, cache: bool) -> None:
+        p.add_argument("--data", default=Path("data/prepared"), type=Path, help="the prepare stage's output")
+        p.add_argument("--reference", default=Path("data/reference"), type=Path,
+                       help="the reference stage's output (the reference run's trajectory)")
+        if cache:
+            p.add_argument("--cache", default=Path("data/cache"), type=Path, help="the cache stage's output")
+
+    for name, help in (("retrain", "retrain the window in each order (real training; progress on stderr); "
+                                   "print each order's eval loss and PPL as JSON"),
+                       ("estimate", "estimate each order's eval loss and PPL from the cache, without retraining; "
+                                    "print them as JSON")):
+        p = command(name, help)
+        p.add_argument("--orders", required=True, type=Path,
+                       help="file of orders, one per line, comma-separated batch indices (required)")
+        stage_dirs(p, cache=name == "estimate")
         if name == "estimate":
-            p.add_argument("--method", default=None, choices=METHODS, help="default: estimate.default in params")
-            p.add_argument("--cache", default=Path("data/cache"), type=Path)
-    p = sub.add_parser("sweep", help="one whole run per value of each sweep knob (params `sweep`)")
-    p.add_argument("--params", default=Path("params.yaml"), type=Path)
+            p.add_argument("--method", default=None, choices=METHODS, metavar="METHOD",
+                           help=f"the estimator, one of {', '.join(METHODS)} (default: estimate.default in params)")
+    p = command("sweep", "one whole run per value of each sweep knob (params `sweep`)")
     p.add_argument("--corpus", default=Path("data/prepared/corpus"), type=Path,
                    help="the default run's corpus text, one DOMAIN.txt per domain")
     p.add_argument("--work", default=Path("data/sweeps"), type=Path, help="scratch folder of the running points")
-    p.add_argument("--out", default=Path("reports/sweeps"), type=Path)
-    p.add_argument("--jobs", type=int, default=None, help="points in parallel (default: sweep.jobs)")
-    p.add_argument("--only", nargs="+", default=None, help="run only these points, e.g. default steps=12")
-    for name in ("plan", "cache"):
-        p = sub.add_parser(name, help="print the cache's cost and check the disk" if name == "plan" else
-                           "build or resume the cache (as torchrun ranks or cache.workers of them)")
-        p.add_argument("--params", default=Path("params.yaml"), type=Path)
-        p.add_argument("--data", default=Path("data/prepared"), type=Path)
-        p.add_argument("--reference", default=Path("data/reference"), type=Path)
-        p.add_argument("--cache", default=Path("data/cache"), type=Path)
-        if name == "plan":
-            p.add_argument("--no-timing", action="store_true", help="skip timing a gradient and an HVP here")
-    p = sub.add_parser("retrain-job", help="a torchrun rank's part of a parallel retrain (launched by fut itself)")
-    p.add_argument("job", type=Path)
-    p.add_argument("--params", required=True, type=Path)
-    p = sub.add_parser("reliability", help="kill, corruption, NaN, bad-input and rerun scenarios on tiny params")
-    p.add_argument("--params", default=Path("params.yaml"), type=Path, help="the defaults the tiny params shrink")
-    p.add_argument("--out", default=Path("reports/metrics/reliability.json"), type=Path)
-    p.add_argument("--work", default=None, type=Path, help="scratch folder (default: a temporary one, removed)")
-    args = parser.parse_args(argv)
+    p.add_argument("--out", default=Path("reports/sweeps"), type=Path, help="where each point's JSON is written")
+    p.add_argument("--jobs", type=int, default=None, help="points in parallel (default: sweep.jobs in params)")
+    p.add_argument("--only", nargs="+", default=None, metavar="POINT",
+                   help="run only these points, e.g. default steps=12 (default: every point)")
+    p = command("plan", "print the cache's cost and check the disk can hold it")
+    stage_dirs(p, cache=True)
+    p.add_argument("--no-timing", action="store_true", help="skip timing a gradient and an HVP here")
+    p = command("cache", "build or resume the cache (as torchrun ranks or cache.workers of them)")
+    stage_dirs(p, cache=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING)
-    if args.command == "sweep":
-        return _sweep(args)
-    if args.command == "reliability":
-        return _reliability(args)
-    if args.command in ("plan", "cache"):
-        return _cache(args)
-    if args.command == "retrain-job":
-        from .groundtruth import run_retrain_job
-
-        run_retrain_job(args.job, config.load(args.params))
-        return 0
+    if argv[:1] == ["retrain-job"]:   # internal, so kept out of the parser and its help
+        return _retrain_job(argv[1:])
+    args = _parser().parse_args(argv)
     try:
-        params = config.load(args.params)
-        if not args.orders.is_file():
-            raise OrderError(f"--orders {str(args.orders)!r}: file not found")
-        orders = parse_orders_file(args.orders.read_text(), params.window.steps, permutation=False)
-    except (config.ConfigError, OrderError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.command == "retrain":
-        from .groundtruth import Oracle
+        params = _load_params(args.params)
+    except config.ConfigError as err:
+        return _refuse(err)
+    commands = {"retrain": _retrain, "estimate": _estimate, "sweep": _sweep, "plan": _cache, "cache": _cache}
+    return commands[args.command](args, params)
 
-        oracle = Oracle(params, args.data, args.reference)
-        out = [{"order": o, "eval_loss": (r := oracle.retrain(o))["eval_loss"], "eval_ppl": r["eval_ppl"]}
-               for o in orders]
-    else:
-        from .estimators import EstimationContext, estimate
 
-        method = args.method or params.estimate.default
-        ctx = EstimationContext(params, args.data, args.reference, args.cache)
-        est = estimate(ctx, orders, method, params.estimate.readout, params.estimate.k)
-        out = [{"order": o, "method": method, "eval_loss": float(x), "eval_ppl": ppl(float(x))}
-               for o, x in zip(orders, est.eval_loss)]
+def _refuse(err: Exception, status: int = 2) -> int:
+    """A refused input: one line on stderr, `error: ` and the message (which names the file and what to do)."""
+    print("error: " + " ".join(str(err).splitlines()), file=sys.stderr)
+    return status
+
+
+def _load_params(path: Path) -> config.Params:
+    """`config.load`, with a missing file, a YAML syntax error (file, line, column) or a bad value refused as a
+    ConfigError that names the file."""
+    if not path.is_file():
+        raise config.ConfigError(f"params file {str(path)!r} not found; pass --params FILE or run from the "
+                                 "project's root")
+    try:
+        return config.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise config.ConfigError(f"params file {str(path)!r}:{where} {problem}; fix the YAML syntax there") from err
+    except config.ConfigError as err:
+        raise config.ConfigError(f"{path}: {err}") from err
+
+
+def _orders(path: Path, params: config.Params) -> list[list[int]]:
+    if not path.is_file():
+        raise OrderError(f"--orders {str(path)!r}: file not found; pass a file with one order per line")
+    return parse_orders_file(path.read_text(), params.window.steps, permutation=False)
+
+
+def _print_json(out: list[dict]) -> int:
     json.dump(out, sys.stdout)
     print()
     return 0
 
 
-def _cache(args) -> int:
-    from .data import load_prepared
-    from .storage import ArtefactMismatch, InsufficientDisk
+def _retrain(args, params: config.Params) -> int:
+    from .groundtruth import Oracle
 
     try:
-        params = config.load(args.params)
+        orders = _orders(args.orders, params)
+        oracle = Oracle(params, args.data, args.reference)   # reads and checks the data and the window start
+    except REFUSED as err:
+        return _refuse(err)
+    out = []
+    for order in tqdm(orders, desc="retrain", unit="order", file=sys.stderr):
+        r = oracle.retrain(order)
+        out.append({"order": order, "eval_loss": r["eval_loss"], "eval_ppl": r["eval_ppl"]})
+    return _print_json(out)
+
+
+def _estimate(args, params: config.Params) -> int:
+    from .estimators import EstimationContext, estimate
+
+    method = args.method or params.estimate.default
+    try:
+        orders = _orders(args.orders, params)
+        ctx = EstimationContext(params, args.data, args.reference, args.cache)   # reads and checks all three
+    except REFUSED as err:
+        return _refuse(err)
+    est = estimate(ctx, orders, method, params.estimate.readout, params.estimate.k)
+    return _print_json([{"order": o, "method": method, "eval_loss": float(x), "eval_ppl": ppl(float(x))}
+                        for o, x in zip(orders, est.eval_loss)])
+
+
+def _retrain_job(argv: list[str]) -> int:
+    """A torchrun rank's part of a parallel retrain, launched by fut itself (groundtruth.run_retrain_job)."""
+    parser = argparse.ArgumentParser(prog="python -m fut retrain-job")
+    parser.add_argument("job", type=Path)
+    parser.add_argument("--params", required=True, type=Path)
+    args = parser.parse_args(argv)
+    from .groundtruth import run_retrain_job
+
+    run_retrain_job(args.job, config.load(args.params))
+    return 0
+
+
+def _cache(args, params: config.Params) -> int:
+    from .data import load_prepared
+    from .storage import InsufficientDisk
+
+    try:
         prepared = load_prepared(args.data, params)
-    except (config.ConfigError, FileNotFoundError, ArtefactMismatch) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except REFUSED as err:
+        return _refuse(err)
     if args.command == "cache":
         from .cache import build_cache
 
@@ -133,16 +219,14 @@ def _cache(args) -> int:
     try:
         check_disk(plan, args.cache)
     except InsufficientDisk as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return _refuse(err, status=1)
     return 0
 
 
-def _sweep(args) -> int:
+def _sweep(args, params: config.Params) -> int:
     from .sweep import run_sweep
 
     try:
-        params = config.load(args.params)
         if not args.corpus.is_dir():
             raise ValueError(f"--corpus {str(args.corpus)!r}: no such folder; run the prepare stage first "
                              "(dvc repro prepare)")
@@ -150,23 +234,5 @@ def _sweep(args) -> int:
             raise ValueError(f"--jobs {args.jobs}: expected an int >= 1")
         run_sweep(params, args.corpus, args.work, args.out, args.jobs, args.only)
     except (config.ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _refuse(err)
     return 0
-
-
-def _reliability(args) -> int:
-    import tempfile
-
-    from .reliability import run_all
-    from .storage import atomic_write_json
-
-    with tempfile.TemporaryDirectory(prefix="fut-reliability-") as tmp:
-        result = run_all(args.params, args.work or Path(tmp))
-    atomic_write_json(args.out, result)
-    print(f"{args.out}: {result['fault_scenarios_passed']}/{result['fault_scenarios_tested']} fault scenarios passed, "
-          f"{result['bad_inputs_refused']}/{result['bad_inputs_tested']} bad inputs refused, deterministic rerun: "
-          f"{result['deterministic_rerun']}")
-    ok = (result["fault_scenarios_passed"] == result["fault_scenarios_tested"]
-          and result["bad_inputs_refused"] == result["bad_inputs_tested"] and result["deterministic_rerun"])
-    return 0 if ok else 1

@@ -6,32 +6,25 @@ from pathlib import Path
 
 import pytest
 
-from fut import config, pipeline, reliability
+from checks.runs import Run
+from checks.tiny import tiny_params, write_tiny_text
+from fut import config, pipeline
 from fut.storage import atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_params_dict(text_dir: Path) -> dict:
-    """Defaults from params.yaml, shrunk to seconds: two domains of real text, a 2-layer 32-wide Llama (the
-    fault scenarios' params, fut/reliability.py), with small applications."""
-    p = reliability.tiny_params(ROOT / "params.yaml", text_dir)
-    p["curriculum"].update(population=4, generations=2, verify_top=1)
-    p["memorization"].update(batches=4, positions=3)
-    return p
-
-
 @pytest.fixture(scope="session")
 def text_dir(tmp_path_factory) -> Path:
     """Two domains of real prose: the World English Bible's first and last parts."""
-    return reliability.write_tiny_text(tmp_path_factory.mktemp("text"))
+    return write_tiny_text(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory, text_dir):
     """Prepared data and a reference run for the tiny params: (params, data_dir, ref_dir, ref_metrics)."""
     root = tmp_path_factory.mktemp("tiny")
-    params = config.from_dict(tiny_params_dict(text_dir))
+    params = config.from_dict(tiny_params(text_dir))
     atomic_write_json(root / "prepare.json", pipeline.prepare(params, root / "prepared"))   # for `tiny_run`
     _, metrics = pipeline.reference(params, root / "prepared", root / "reference")
     return params, root / "prepared", root / "reference", metrics
@@ -50,13 +43,13 @@ def tiny_truth(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny, tiny_truth) -> reliability.Run:
-    """The tiny run as fut.reliability compares runs: each stage's folder and metrics (the ground truth's
+def tiny_run(tiny, tiny_truth) -> Run:
+    """The tiny run as checks/runs.py compares runs: each stage's folder and metrics (the ground truth's
     recomputed from its stored results; only its noise floor retrains)."""
     params, data_dir, ref_dir, ref_metrics = tiny
     _, _, _, cache_dir, gt_dir = tiny_truth
-    run = reliability.Run(params, {"prepare": data_dir, "reference": ref_dir, "groundtruth": gt_dir,
-                                   "cache": cache_dir, "estimate": data_dir.parent / "estimate"})
+    run = Run(params, {"prepare": data_dir, "reference": ref_dir, "groundtruth": gt_dir,
+                       "cache": cache_dir, "estimate": data_dir.parent / "estimate"})
     run.metrics = {"prepare": read_json(data_dir.parent / "prepare.json"), "reference": ref_metrics,
                    "groundtruth": pipeline.groundtruth(params, data_dir, ref_dir, gt_dir)[1],
                    "cache": read_json(cache_dir / "stats.json")}
@@ -65,4 +58,4 @@ def tiny_run(tiny, tiny_truth) -> reliability.Run:
 
 @pytest.fixture
 def params_dict(text_dir) -> dict:
-    return copy.deepcopy(tiny_params_dict(text_dir))
+    return copy.deepcopy(tiny_params(text_dir))

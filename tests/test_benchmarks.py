@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, tiny_params_dict
+from checks.tiny import tiny_params
+from conftest import ROOT
 from fut import config
 from fut.cache import has_pairs
 from fut.model import count_parameters
@@ -51,7 +52,7 @@ def test_gpu_profile_tiny_builds_a_cache_and_checks_estimates_against_retraining
 
 def test_gpu_step_costs_on_a_cpu_profile(tmp_path, text_dir):
     params_file, out = tmp_path / "params.yaml", tmp_path / "steps.json"
-    params_file.write_text(yaml.safe_dump(tiny_params_dict(text_dir)))
+    params_file.write_text(yaml.safe_dump(tiny_params(text_dir)))
     run_script("gpu_step_costs.py", "--params", str(params_file), "--orders", "1", "3", "--repeat", "1",
                "--out", str(out))
     r = json.loads(out.read_text())

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, tiny_params_dict
+from checks.tiny import tiny_params
+from conftest import ROOT
 
 
 def _run(cmd, cwd, env):
@@ -31,7 +32,7 @@ def repo(tmp_path_factory, text_dir):
             shutil.copy2(src, dest / rel)
     (dest / "data" / "sources").mkdir(parents=True, exist_ok=True)   # a declared dependency of prepare
     (dest / "reports" / "sweeps").mkdir(parents=True)   # the ablations stage's: no sweep points for tiny params
-    params = tiny_params_dict(text_dir)
+    params = tiny_params(text_dir)
     params["cache"]["workers"] = 2        # the stage launches torchrun ranks from its notebook, as by default
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

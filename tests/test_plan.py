@@ -7,7 +7,7 @@ from unittest import mock
 
 import yaml
 
-from conftest import tiny_params_dict
+from checks.tiny import tiny_params
 from fut import cli
 from fut.cache import UpdateCache
 from fut.data import load_prepared
@@ -27,7 +27,7 @@ def test_plan_counts_are_what_the_built_cache_holds(tiny_truth):
 
 def test_plan_command_prints_json_and_refuses_a_small_disk(tiny, text_dir, tmp_path, capsys):
     params, data_dir, ref_dir, _ = tiny
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(text_dir)))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(text_dir)))
     args = ["plan", "--params", str(tmp_path / "params.yaml"), "--data", str(data_dir), "--reference", str(ref_dir),
             "--cache", str(tmp_path / "cache")]
     assert cli.main(args) == 0

