@@ -15,13 +15,14 @@ from unittest import mock
 
 import yaml
 
-from fut import cli, config, pipeline
+from fut import cli, config
 from fut.cache import UpdateCache
 from fut.config import ConfigError
 from fut.corpus import SourceUnavailable
 from fut.data import load_prepared
 from fut.orders import OrderError
-from fut.reference import checkpoint_path, load_checkpoint, reference_hash, save_checkpoint
+from fut.reference import ReferenceRun, checkpoint_path, load_checkpoint, reference_hash, save_checkpoint
+from fut.stages import cache as cache_stage, prepare as prepare_stage, reference as reference_stage
 from fut.storage import ArtefactMismatch, InsufficientDisk, load_tensors, save_tensors
 
 from .runs import Run, edited
@@ -76,7 +77,7 @@ def _prepare_with_sources(edit: Callable[[dict, Path], None]):
         d = dataclasses.asdict(run.params)
         (folder / "text").mkdir()
         edit(d["corpus"]["sources"], folder / "text")
-        return lambda: pipeline.prepare(config.from_dict(d), folder / "prepared")
+        return lambda: prepare_stage.run(config.from_dict(d), folder / "prepared")
     return setup
 
 
@@ -85,7 +86,7 @@ def _gpu_profile(run: Run, folder: Path):
 
     def call():
         with mock.patch("torch.cuda.is_available", return_value=False):   # a machine without a GPU
-            pipeline.prepare(params, folder / "prepared")
+            prepare_stage.run(params, folder / "prepared")
     return call
 
 
@@ -94,7 +95,7 @@ def _bf16_without_gpu(run: Run, folder: Path):
 
     def call():
         with mock.patch("torch.cuda.is_available", return_value=False):
-            pipeline.reference(params, run.dirs["prepare"], folder / "reference")
+            reference_stage.run(params, run.dirs["prepare"], folder / "reference")
     return call
 
 
@@ -103,9 +104,9 @@ def _small_disk(stage: str):
         def call():
             with mock.patch("shutil.disk_usage", return_value=SimpleNamespace(free=10**6)):   # 1 MB free
                 if stage == "reference":
-                    pipeline.reference(run.params, run.dirs["prepare"], folder / "reference")
+                    reference_stage.run(run.params, run.dirs["prepare"], folder / "reference")
                 else:
-                    pipeline.cache(run.params, run.dirs["prepare"], run.dirs["reference"], folder / "cache")
+                    cache_stage.run(run.params, run.dirs["prepare"], run.dirs["reference"], folder / "cache")
         return call
     return setup
 
@@ -113,8 +114,7 @@ def _small_disk(stage: str):
 def _open_cache(edit: Callable[[dict], None]):
     def setup(run: Run, folder: Path):
         params = config.from_dict(edited(run, edit))
-        prepared = load_prepared(run.dirs["prepare"], params)
-        return lambda: UpdateCache(params, prepared, run.dirs["reference"], run.dirs["cache"])
+        return lambda: UpdateCache(ReferenceRun(params, run.dirs["prepare"], run.dirs["reference"]), run.dirs["cache"])
     return setup
 
 
@@ -130,7 +130,7 @@ def _cache_of_other_trajectory(run: Run, folder: Path):
     state.theta[name] = state.theta[name].clone()
     state.theta[name].view(-1)[0] += 1e-3
     save_checkpoint(ref, T, state, h, {k: v for k, v in meta.items() if k in ("train_loss", "eval_loss")})
-    return lambda: UpdateCache(run.params, prepared, ref, run.dirs["cache"])
+    return lambda: UpdateCache(ReferenceRun(run.params, run.dirs["prepare"], ref), run.dirs["cache"])
 
 
 def _cache_of_other_tokenizer(run: Run, folder: Path):
@@ -140,8 +140,7 @@ def _cache_of_other_tokenizer(run: Run, folder: Path):
     for shard in sorted(cache.glob("shard_*.safetensors")):
         tensors, meta = load_tensors(shard)
         save_tensors(shard, tensors, {**meta, "tokenizer_sha256": hashlib.sha256(b"another tokenizer").hexdigest()})
-    prepared = load_prepared(run.dirs["prepare"], run.params)
-    return lambda: UpdateCache(run.params, prepared, run.dirs["reference"], cache)
+    return lambda: UpdateCache(ReferenceRun(run.params, run.dirs["prepare"], run.dirs["reference"]), cache)
 
 
 def _set(section: str, **values) -> Callable[[dict], None]:
@@ -177,7 +176,7 @@ BAD_INPUTS = [
              "is not allowed; expected a method whose eigenspaces the cache holds",
              _retrain_with_params(_set("cache", curvature=["window"]))),
     BadInput("params: a strided cache with a method that needs every checkpoint",
-             "estimate.methods[1] = 'fut' is not allowed; expected one of naive, fut-state:none",
+             "estimate.methods[3] = 'fut:secant-raw' is not allowed; expected one of naive, fut-subspace",
              _retrain_with_params(_set("cache", checkpoint_stride=2))),
     BadInput("params: the params file is missing", "missing.yaml' not found", lambda run, folder: lambda: _cli(
         "retrain", "--params", str(folder / "missing.yaml"), "--orders", str(folder / "orders.txt"))),

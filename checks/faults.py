@@ -32,12 +32,13 @@ from typing import Callable
 
 import torch
 
-from fut import config, pipeline
+from fut import config
 from fut.cache import UpdateCache, shard_path
 from fut.data import load_prepared
 from fut.estimators import EstimationContext, estimate
 from fut.groundtruth import Oracle, is_complete
-from fut.reference import checkpoint_path, load_checkpoint, reference_hash, save_checkpoint, trajectory_key
+from fut.reference import ReferenceRun, checkpoint_path, load_checkpoint, reference_hash, save_checkpoint
+from fut.stages import cache as cache_stage, reference as reference_stage
 from fut.storage import ArtefactMismatch, load_tensors, read_header, read_json, save_tensors
 from fut.training import NonFiniteError
 
@@ -216,11 +217,11 @@ class Corrupt:
                 t = int(path.stem.split("_")[1])
                 load_checkpoint(run.dirs["reference"], t, reference_hash(run.params, prepared))
             elif self.stage == "cache":
-                store = UpdateCache(run.params, prepared, run.dirs["reference"], run.dirs["cache"])
+                store = UpdateCache(ReferenceRun(run.params, run.dirs["prepare"], run.dirs["reference"]), run.dirs["cache"])
                 for name in read_header(path)[2]:
                     store.read(path, name)
             else:   # a ground-truth result is never read unless complete: an incomplete one is retrained
-                key = trajectory_key(run.params, prepared, run.dirs["reference"])
+                key = ReferenceRun(run.params, run.dirs["prepare"], run.dirs["reference"]).key
                 if not is_complete(path, read_json(intact)["order"], key):
                     return f"{path} is not a complete result of this run: retrained"
         except ArtefactMismatch as err:
@@ -256,7 +257,7 @@ def _with_bad_value(tensor: torch.Tensor, value: float) -> torch.Tensor:
 
 def _non_finite_in_training(baseline: Run, folder: Path) -> tuple[bool, str]:
     """A retrain from a start state with an inf in one parameter stops at window step 1 naming it."""
-    oracle = Oracle(baseline.params, baseline.dirs["prepare"], baseline.dirs["reference"])
+    oracle = Oracle(ReferenceRun(baseline.params, baseline.dirs["prepare"], baseline.dirs["reference"]))
     name = next(iter(oracle.start.theta))
     start = dataclasses.replace(oracle.start, theta={**oracle.start.theta,
                                                      name: _with_bad_value(oracle.start.theta[name], math.inf)})
@@ -268,7 +269,7 @@ def _diverging_reference(baseline: Run, folder: Path) -> tuple[bool, str]:
     """A window lr of 1e10 makes the loss of window step 2 non-finite: the reference run stops there naming it,
     with checkpoint 1 stored and checkpoint 2 never written."""
     params = config.from_dict(edited(baseline, lambda d: d["window"].update(lr=1e10)))
-    ok, message = _stops(lambda: pipeline.reference(params, baseline.dirs["prepare"], folder / "reference"),
+    ok, message = _stops(lambda: reference_stage.run(params, baseline.dirs["prepare"], folder / "reference"),
                          "window step 2: the training loss holds NaN or inf")
     ref = folder / "reference"
     return ok and checkpoint_path(ref, 1).exists() and not checkpoint_path(ref, 2).exists(), message
@@ -286,7 +287,7 @@ def _non_finite_checkpoint_in_cache(baseline: Run, folder: Path) -> tuple[bool, 
     name = next(iter(state.theta))
     state.theta[name] = _with_bad_value(state.theta[name], math.nan)
     save_checkpoint(ref, 2, state, h, {k: v for k, v in meta.items() if k in ("train_loss", "eval_loss")})
-    ok, message = _stops(lambda: pipeline.cache(params, baseline.dirs["prepare"], ref, folder / "cache"),
+    ok, message = _stops(lambda: cache_stage.run(params, baseline.dirs["prepare"], ref, folder / "cache"),
                          "cache file shard_0002.safetensors", "tensor 'grad'")
     return ok and not shard_path(folder / "cache", 2).exists(), message
 
@@ -300,7 +301,7 @@ def _non_finite_estimate(baseline: Run, folder: Path) -> tuple[bool, str]:
     tensors, meta = load_tensors(shard_path(cache, 3))
     tensors["grad"][4, 0] = math.inf
     save_tensors(shard_path(cache, 3), tensors, meta)
-    ctx = EstimationContext(baseline.params, baseline.dirs["prepare"], baseline.dirs["reference"], cache)
+    ctx = EstimationContext(ReferenceRun(baseline.params, baseline.dirs["prepare"], baseline.dirs["reference"]), cache)
     identity = list(range(baseline.params.window.steps))
     swapped = identity[:3] + [4, 3] + identity[5:]          # batch 4 at step 3: δ_4 is the first to see it
     est = estimate(ctx, [identity, swapped], "fut-state:none")
@@ -325,9 +326,9 @@ FAULTS = [
     Kill("reference", "trajectory/step_*.safetensors", 1, during=True),     # just after the warm start
     Kill("reference", "trajectory/step_*.safetensors", 3, during=False),
     Kill("reference", "trajectory/step_*.safetensors", 7, during=False),    # before the summary
-    Kill("groundtruth", "orders/*.json", 1, during=False),
-    Kill("groundtruth", "orders/*.json", 8, during=True),
-    Kill("groundtruth", "orders/*.json", 8, during=False),                  # before results and noise floor
+    Kill("groundtruth", "dev/orders/*.json", 1, during=False),
+    Kill("groundtruth", "dev/orders/*.json", 8, during=True),
+    Kill("groundtruth", "dev/orders/*.json", 8, during=False),                  # before results and noise floor
     Kill("cache", "shard_*.safetensors", 1, during=True),
     Kill("cache", "shard_*.safetensors", 7, during=False),                  # before the curvature files
     Kill("cache", "curvature_*.safetensors", 1, during=False),   # the next checkpoint's Lanczos starts from it
@@ -337,7 +338,7 @@ FAULTS = [
     Corrupt("cache", "shard_0002.safetensors", "flip", "grad"),
     Corrupt("cache", "curvature_window_0004.safetensors", "reshape", "eig_vectors"),
     Corrupt("cache", "shard_0005.safetensors", "truncate"),
-    Corrupt("groundtruth", "orders/reversed.json", "truncate"),
+    Corrupt("groundtruth", "dev/orders/reversed.json", "truncate"),
     NonFinite("training: an inf in the start state stops the retrain at window step 1, naming the parameter",
               _non_finite_in_training),
     NonFinite("reference: a diverging lr stops the run at window step 2, naming the loss, before checkpoint 2",

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from fut import pipeline
+from fut.stages import cache, estimate, groundtruth, prepare, projection, reference
 from fut.config import Params
 from fut.storage import atomic_write_json, read_header, read_json
 
-STAGES = ("prepare", "reference", "groundtruth", "cache", "estimate")
+STAGES = ("prepare", "reference", "groundtruth", "cache", "projection", "estimate")
 
 
 @dataclass
@@ -34,16 +34,17 @@ def run_stage(run: Run, stage: str) -> dict:
     """One pipeline stage function, as its notebook calls it; records and returns its metrics."""
     p, d = run.params, run.dirs
     if stage == "prepare":
-        metrics = pipeline.prepare(p, d["prepare"])
+        metrics = prepare.run(p, d["prepare"])
     elif stage == "reference":
-        _, metrics = pipeline.reference(p, d["prepare"], d["reference"])
+        _, metrics = reference.run(p, d["prepare"], d["reference"])
     elif stage == "groundtruth":
-        results, metrics = pipeline.groundtruth(p, d["prepare"], d["reference"], d["groundtruth"])
-        atomic_write_json(d["groundtruth"] / "results.json", results)
+        _, metrics = groundtruth.run(p, d["prepare"], d["reference"], d["groundtruth"])
     elif stage == "cache":
-        metrics = pipeline.cache(p, d["prepare"], d["reference"], d["cache"])
+        metrics = cache.run(p, d["prepare"], d["reference"], d["cache"])
+    elif stage == "projection":
+        metrics = projection.run(p, d["prepare"], d["reference"], d["cache"], d["projection"])
     else:
-        _, metrics = pipeline.estimate(p, d["prepare"], d["reference"], d["cache"], d["groundtruth"])
+        _, metrics = estimate.run(p, d["prepare"], d["reference"], d["cache"], d["projection"], d["groundtruth"])
     run.metrics[stage] = metrics
     return metrics
 
@@ -59,7 +60,7 @@ def full_run(params: Params, root: Path) -> Run:
 # a header that records a timing), and how many units a resumed run found done.
 MEASURED = ("seconds", "speedup", "break_even", "peak_", "overhead")
 RUN_FACTS = {"build", "workers", "free_bytes", "missing_bytes", "resumed_from_step", "files_built", "files_reused",
-             "total_file_bytes"}
+             "total_file_bytes", "measured_at", "orders_per_second", "retrain_seconds_timed"}
 
 
 def result_only(obj):

@@ -23,7 +23,8 @@ def write_tiny_text(folder: Path) -> Path:
 
 def tiny_params(text_dir: Path, defaults: Path = ROOT / "params.yaml") -> dict:
     """The params of `defaults`, shrunk to seconds: the two domains of `write_tiny_text(text_dir)`, a 2-layer
-    32-wide Llama, T = 6 batches of 2 sequences, 8 ground-truth orders, a 7-shard cache, small applications."""
+    32-wide Llama warm-started long enough that Adam's second moment settles (as in the default run), T = 6
+    batches of 2 sequences, 8 dev and 7 test orders, a 7-shard cache, small applications."""
     p = yaml.safe_load(Path(defaults).read_text())
     p["corpus"] = {"sources": {
         "genesis": {"kind": "local_text", "path": str(Path(text_dir) / "genesis.txt")},
@@ -33,11 +34,15 @@ def tiny_params(text_dir: Path, defaults: Path = ROOT / "params.yaml") -> dict:
     p["data"] = {"seq_len": 16, "eval_sequences_per_domain": 8, "seed": 0}
     p["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=2)
-    p["warmstart"].update(steps=10, batch_size=4)
+    p["warmstart"].update(steps=60, batch_size=4)
     p["window"].update(steps=6, batch_size=2)
-    p["groundtruth"].update(n_random=2, workers=1, eval_every=2)
-    p["cache"].update(k=64, curvature_rank=2, curvature_iterations=4, curvature_batch=2, workers=1)
-    p["estimate"].update(bootstrap=50, trajectory_orders=1)
-    p["curriculum"].update(population=4, generations=2, verify_top=1)
+    p["groundtruth"].update(n_random=2, eval_every=2)
+    p["groundtruth"]["test"].update(n_random=3, domain_blocks=1, difficulty=1, interleaved=1)
+    p["parallel"]["workers"] = 1
+    p["cache"].update(curvature_rank=2, curvature_iterations=4, curvature_batch=2, probes=8)
+    p["projection"]["k"] = 64
+    p["groundtruth"]["trajectories"] = 2
+    p["estimate"].update(bootstrap=50, replay_orders=4, expensive_orders=2)
+    p["curriculum"].update(population=4, generations=2, elite=1, finalists=2, verify_top=1)
     p["memorization"].update(batches=4, positions=3)
     return p

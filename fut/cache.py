@@ -5,12 +5,11 @@ Pairs unit t (t = 0..T), file shard_<t>.safetensors:
   after_grad  [d]     g(θ_t, B_{t−1}), the gradient of the batch the reference just stepped on (t ≥ 1, where the
                       shard holds no pairs; with pairs it is grad[t − 1]): where g(·, B_j) jumps, a knot of
                       fut-subspace's interpolation;
-  eval_grad   [d]     ∇L_E(θ_t) on the mixed eval set, and proj_eval_grad [k] its projection, at every
-                      `cache.eval_grad_stride`-th checkpoint and at T;
+  eval_grad   [d]     ∇L_E(θ_t) on the mixed eval set, at every `cache.eval_grad_stride`-th checkpoint and at T;
 and at every `cache.checkpoint_stride`-th checkpoint and at T, for every window batch j:
   grad        [T, d]  g(θ_t, B_j), full space (`cache.dtype`): what the replays read, and what the paper's
-                      finite-difference terms (secants, second differences) are derived from;
-  proj_gamma  [T, k]  P Γ(θ_t, B_j; m_t, v_t), the paper's update term with the reference Adam state, projected.
+                      finite-difference terms (secants, second differences) and projected update terms
+                      (fut/projected.py, its own stage) are derived from.
 Curvature unit <group>, files curvature_<group>_<t>.safetensors at each of `cache.curvature_checkpoints`:
   eig_values [r], eig_vectors [r, d]  top eigenpairs (largest |λ|) of the Hessian at θ_t of the group's
                       curvature batch: `domain<i>`, a batch drawn from the window batches of domain i (the replay
@@ -24,7 +23,7 @@ Subspace unit, file subspace.safetensors, built after the others: fut-subspace's
 Every unit's result is the same whichever rank builds it, so any number of ranks builds the same tensors.
 Device and precision: each rank computes on `train.device` (its own GPU under torchrun on CUDA), gradients and
 Hessian-vector products under the training's autocast (so a cached gradient is the training gradient); Adam
-terms, Lanczos and projections in float32; everything is stored from the CPU. Pairs are made one at a time, so
+terms and Lanczos in float32; everything is stored from the CPU. Pairs are made one at a time, so
 device memory does not grow with T. Files are written atomically with the cache's provenance and every tensor's
 sha256; a rerun skips files that are complete, verified and match, so an interrupted build resumes and ends
 with the same tensors. When every unit is done, rank 0 writes manifest.json, the mark of a complete cache. The
@@ -32,8 +31,10 @@ reader refuses a cache without it and a file that differs, naming what differs.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +43,13 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .adam import adam_moments, clip_scale, update_term
-from .config import Params, to_yaml
+from .adam import adam_moments
+from .config import Params, load, to_yaml
 from .curvature import lanczos_top_eigen
 from .data import Prepared
 from .device import autocast, describe_device, synchronize
 from .distributed import Ranks, in_torchrun, launch, process_group, rank_device
 from .model import count_parameters
-from .projection import Projector, make_projector, projector_metadata
 from .reference import ReferenceRun, reference_hash, trajectory_digest
 from .storage import (ArtefactMismatch, CorruptArtefact, atomic_write_json, check_layout, check_metadata,
                       load_tensors, read_header, read_json, read_metadata, remove_temporaries, require_free_space,
@@ -65,9 +65,6 @@ SUBSPACE = "subspace.safetensors"
 # Cost of one Hessian-vector product in gradient evaluations of the same batch (double backward; measured
 # 3-4 on this model). Only balances the ranks' shares; `plan` times both.
 HVP_COST = 3.5
-# Adam terms projected together: one pass over the sparse projector serves them all (a sparse projection of a
-# row is the same bit for bit in any batch), at PROJECT_ROWS · d floats of CPU memory.
-PROJECT_ROWS = 8
 # Floats of the basis held at once while building fut-subspace's matrices or reading its parameters out.
 BASIS_FLOATS = 1 << 28
 
@@ -108,8 +105,7 @@ def cache_provenance(params: Params, prepared: Prepared, ref_dir: Path, dim: int
     return {"prepare_hash": prepared.prepare_hash, "tokenizer_sha256": prepared.tokenizer_sha256,
             "reference_hash": reference_hash(params, prepared),
             "trajectory_sha256": trajectory_digest(ref_dir, params.window.steps),
-            "cache_params": params.section_hash("cache"),
-            "projector": projector_metadata(c.projection, dim, c.k, c.seed), "dtype": c.dtype}
+            "cache_params": params.section_hash("cache"), "dim": dim, "dtype": c.dtype}
 
 
 def shard_path(cache_dir: Path, t: int) -> Path:
@@ -173,9 +169,9 @@ def file_shapes(params: Params, T: int, dim: int, kind: str, t: int) -> dict[str
     if t >= 1 and not pairs:
         shapes["after_grad"] = [dim]
     if t in eval_checkpoints(params, T):
-        shapes.update({"eval_grad": [dim], "proj_eval_grad": [c.k]})
+        shapes["eval_grad"] = [dim]
     if pairs:
-        shapes.update({"grad": [T, dim], "proj_gamma": [T, c.k]})
+        shapes["grad"] = [T, dim]
     return shapes
 
 
@@ -256,7 +252,6 @@ class CacheBuilder:
             self.run = run
         self.layout, self.loss = run.layout, run.loss
         c = self.params.cache
-        self.projector: Projector = make_projector(c.projection, self.layout.dim, c.k, c.seed)
         self.provenance = cache_provenance(self.params, self.prepared, run.ref_dir, self.layout.dim)
         self.meta = {**self.provenance, "versions": versions()}
         self.curvature = {g: b.to(self.device) for g, b in curvature_batches(self.prepared, c.curvature_batch,
@@ -288,11 +283,11 @@ class CacheBuilder:
 
     def build_pairs(self, t: int) -> None:
         """Shard t. One pair at a time on the device (its memory stays a few [d] vectors at any T); the stored
-        rows gather on the CPU in `cache.dtype`, the Adam terms are projected PROJECT_ROWS at a time."""
-        theta, m, v, adam_step = self.run.flat(t)
-        T, window, hp = self.T, self.window, self.run.hp
+        rows gather on the CPU in `cache.dtype`."""
+        theta, _, _, adam_step = self.run.flat(t)
+        T, window = self.T, self.window
         shapes = file_shapes(self.params, T, self.layout.dim, "pairs", t)
-        seconds = {"grad_seconds": 0.0, "eval_grad_seconds": 0.0, "projection_seconds": 0.0}
+        seconds = {"grad_seconds": 0.0, "eval_grad_seconds": 0.0}
 
         def timed(key: str, fn):
             start = time.perf_counter()
@@ -304,18 +299,11 @@ class CacheBuilder:
         tensors, gradients = {}, 0
         if "grad" in shapes:
             grads = tensors["grad"] = torch.empty(T, self.layout.dim, dtype=DTYPES[self.params.cache.dtype])
-            projected, pending = [], []
             for j, batch in enumerate(window):
                 g = timed("grad_seconds", lambda: self._grad(theta, batch))
                 grads[j] = g.to(grads.dtype)
                 if j == t:
                     tensors["own_grad"] = g.cpu()
-                pending.append(timed("projection_seconds", lambda: update_term(
-                    theta, g * clip_scale(g.norm(), hp.grad_clip), m, v, adam_step + 1, hp)[0].cpu()))
-                if len(pending) == PROJECT_ROWS or j == T - 1:
-                    projected.append(timed("projection_seconds", lambda: self.projector.project(torch.stack(pending))))
-                    pending = []
-            tensors["proj_gamma"] = torch.cat(projected)
             gradients += T
         else:
             if "own_grad" in shapes:
@@ -325,9 +313,7 @@ class CacheBuilder:
                 tensors["after_grad"] = timed("grad_seconds", lambda: self._grad(theta, window[t - 1]).cpu())
                 gradients += 1
         if "eval_grad" in shapes:
-            eval_grad = timed("eval_grad_seconds", lambda: self._grad(theta, self.eval_seqs).cpu())
-            tensors.update({"eval_grad": eval_grad,
-                            "proj_eval_grad": timed("projection_seconds", lambda: self.projector.project(eval_grad))})
+            tensors["eval_grad"] = timed("eval_grad_seconds", lambda: self._grad(theta, self.eval_seqs).cpu())
         self._save(shard_path(self.cache_dir, t), tensors, t,
                    {"adam_step": adam_step, "build": seconds, "gradients": gradients})
 
@@ -396,7 +382,7 @@ class CacheBuilder:
     def build(self, ranks: Ranks = Ranks(), progress: bool = True) -> dict:
         """This rank's share of the missing files (the subspace, which reads the others, on rank 0 after them);
         on rank 0, then, the manifest. Every rank returns the counts of files built and reused over all ranks,
-        the device, the projector and the number of ranks."""
+        the device and the number of ranks."""
         if ranks.is_main:
             remove_temporaries(self.cache_dir)
             (self.cache_dir / MANIFEST).unlink(missing_ok=True)
@@ -416,7 +402,7 @@ class CacheBuilder:
                 counts = [a + b for a, b in zip(counts, self.run_unit(unit))]
         counts = [sum(c) for c in zip(*ranks.gather(counts))]   # also waits for rank 0's subspace
         built = {"files_built": counts[0], "files_reused": counts[1], "device": describe_device(self.device),
-                 "workers": ranks.world, "projector": self.projector.metadata()}
+                 "workers": ranks.world}
         if ranks.is_main:
             files = sorted(p.name for u in self.units for p in unit_files(self.params, self.T, self.cache_dir, u))
             atomic_write_json(self.cache_dir / MANIFEST, {**self.provenance, "files": files, "build": built})
@@ -428,7 +414,7 @@ def build_cache(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, 
     """Build (or resume) the cache with `parallel.workers` ranks: this process's share as a torchrun rank, the
     whole of it in this process with one worker, else by launching torchrun (`python -m fut cache`)."""
     if params.parallel.workers > 1 and not in_torchrun():
-        launch(["cache", "--data", str(data_dir), "--reference", str(ref_dir), "--cache", str(cache_dir)],
+        launch("fut.cache", ["--data", str(data_dir), "--reference", str(ref_dir), "--cache", str(cache_dir)],
                params.parallel.workers, "the cache build", to_yaml(params))
         return read_json(Path(cache_dir) / MANIFEST)["build"]
     with process_group() as ranks:
@@ -444,7 +430,7 @@ class UpdateCache:
         self.run, self.params, self.cache_dir = run, run.params, Path(cache_dir)
         self.T = run.T
         dim = count_parameters(self.params.model, run.prepared.vocab_size, self.params.data.seq_len)
-        provenance = cache_provenance(self.params, run.prepared, run.ref_dir, dim)
+        self.provenance = provenance = cache_provenance(self.params, run.prepared, run.ref_dir, dim)
         manifest = self.cache_dir / MANIFEST
         if require_manifest:
             if not manifest.is_file():
@@ -565,8 +551,7 @@ class UpdateCache:
 
     def build_cost(self) -> dict[str, float]:
         """Total one-time cost, summed over the files' own records (true across resumed and distributed builds)."""
-        cost = {"grad_seconds": 0.0, "eval_grad_seconds": 0.0, "projection_seconds": 0.0, "curvature_seconds": 0.0,
-                "subspace_seconds": 0.0}
+        cost = {"grad_seconds": 0.0, "eval_grad_seconds": 0.0, "curvature_seconds": 0.0, "subspace_seconds": 0.0}
         gradients = 0
         for path in self.paths():
             meta = read_metadata(path)
@@ -574,20 +559,34 @@ class UpdateCache:
             for key, sec in meta["build"].items():
                 cost[key] += sec
         return {**cost, "seconds": sum(cost.values()), "gradients": gradients,
-                "seconds_per_gradient": cost["grad_seconds"] / max(gradients, 1),
-                "projection_overhead": cost["projection_seconds"] / max(cost["grad_seconds"], 1e-12)}
+                "seconds_per_gradient": cost["grad_seconds"] / max(gradients, 1)}
 
     def bytes(self) -> dict[str, int]:
-        sizes = {"grad": 0, "projected": 0, "eval_grad": 0, "curvature": 0, "subspace": 0}
+        sizes = {"grad": 0, "eval_grad": 0, "curvature": 0, "subspace": 0}
         for path in self.paths():
             with safe_open(str(path), framework="pt") as fh:
                 for name in fh.keys():
                     sl = fh.get_slice(name)
                     key = ("subspace" if path.name == SUBSPACE else
-                           {"grad": "grad", "own_grad": "grad", "after_grad": "grad", "proj_gamma": "projected",
-                            "proj_eval_grad": "projected", "eval_grad": "eval_grad"}.get(name, "curvature"))
+                           {"grad": "grad", "own_grad": "grad", "after_grad": "grad",
+                            "eval_grad": "eval_grad"}.get(name, "curvature"))
                     sizes[key] += math.prod(sl.get_shape()) * {"F32": 4, "F64": 8, "BF16": 2, "F16": 2,
                                                                "I64": 8}[sl.get_dtype()]
         sizes["total_file_bytes"] = sum(p.stat().st_size for p in self.paths())
         return sizes
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One torchrun rank of `build_cache`'s launch: `python -m fut.cache --data D --reference R --cache C --params P`
+    (users launch ranks themselves with `torchrun -m fut cache`)."""
+    ap = argparse.ArgumentParser(prog="python -m fut.cache")
+    for name in ("data", "reference", "cache", "params"):
+        ap.add_argument(f"--{name}", type=Path, required=True)
+    args = ap.parse_args(argv)
+    build_cache(load(args.params), args.data, args.reference, args.cache)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ stderr. `sweep` runs the ablations that need their own reference run (params `sw
 writes reports/sweeps/POINT.json. `plan` prints what the cache of these params will cost (files, bytes, gradient
 evaluations, estimated time) and exits with status 1 when its disk cannot hold it. `cache` builds the cache,
 shared over the ranks when launched by torchrun (any number of processes or nodes; each rank builds its share of
-the work units, rank 0 writes the manifest), else with `cache.workers` ranks it launches itself.
+the work units, rank 0 writes the manifest), else with `parallel.workers` ranks it launches itself.
 A refused input (params, orders, missing or mismatched artefacts) is one line on stderr, `error: ...`, exit 2.
 """
 from __future__ import annotations
@@ -24,11 +24,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
 from . import config
-from .config import METHODS
+from .methods import METHODS
 from .evaluation import ppl
 from .orders import OrderError, parse_orders_file
 from .storage import ArtefactMismatch
@@ -89,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "estimate":
             p.add_argument("--method", default=None, choices=METHODS, metavar="METHOD",
                            help=f"the estimator, one of {', '.join(METHODS)} (default: estimate.default in params)")
+            p.add_argument("--projection", default=Path("data/projection"), type=Path,
+                           help="the projection stage's output (read by tracin and fut:projected only)")
     p = command("sweep", "one whole run per value of each sweep knob (params `sweep`)")
     p.add_argument("--corpus", default=Path("data/prepared/corpus"), type=Path,
                    help="the default run's corpus text, one DOMAIN.txt per domain")
@@ -100,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command("plan", "print the cache's cost and check the disk can hold it")
     stage_dirs(p, cache=True)
     p.add_argument("--no-timing", action="store_true", help="skip timing a gradient and an HVP here")
-    p = command("cache", "build or resume the cache (as torchrun ranks or cache.workers of them)")
+    p = command("cache", "build or resume the cache (as torchrun ranks or parallel.workers of them)")
     stage_dirs(p, cache=True)
     return parser
 
@@ -108,11 +109,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING)
-    if argv[:1] == ["retrain-job"]:   # internal, so kept out of the parser and its help
-        return _retrain_job(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        params = _load_params(args.params)
+        params = config.load(args.params)
     except config.ConfigError as err:
         return _refuse(err)
     commands = {"retrain": _retrain, "estimate": _estimate, "sweep": _sweep, "plan": _cache, "cache": _cache}
@@ -123,23 +122,6 @@ def _refuse(err: Exception, status: int = 2) -> int:
     """A refused input: one line on stderr, `error: ` and the message (which names the file and what to do)."""
     print("error: " + " ".join(str(err).splitlines()), file=sys.stderr)
     return status
-
-
-def _load_params(path: Path) -> config.Params:
-    """`config.load`, with a missing file, a YAML syntax error (file, line, column) or a bad value refused as a
-    ConfigError that names the file."""
-    if not path.is_file():
-        raise config.ConfigError(f"params file {str(path)!r} not found; pass --params FILE or run from the "
-                                 "project's root")
-    try:
-        return config.load(path)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
-        problem = getattr(err, "problem", None) or "not valid YAML"
-        raise config.ConfigError(f"params file {str(path)!r}:{where} {problem}; fix the YAML syntax there") from err
-    except config.ConfigError as err:
-        raise config.ConfigError(f"{path}: {err}") from err
 
 
 def _orders(path: Path, params: config.Params) -> list[list[int]]:
@@ -156,26 +138,28 @@ def _print_json(out: list[dict]) -> int:
 
 def _retrain(args, params: config.Params) -> int:
     from .groundtruth import Oracle
+    from .reference import ReferenceRun
 
     try:
         orders = _orders(args.orders, params)
-        oracle = Oracle(params, args.data, args.reference)   # reads and checks the data and the window start
+        oracle = Oracle(ReferenceRun(params, args.data, args.reference))   # reads and checks data and window start
     except REFUSED as err:
         return _refuse(err)
     out = []
     for order in tqdm(orders, desc="retrain", unit="order", file=sys.stderr):
-        r = oracle.retrain(order)
-        out.append({"order": order, "eval_loss": r["eval_loss"], "eval_ppl": r["eval_ppl"]})
+        loss = oracle.eval_loss(order)
+        out.append({"order": order, "eval_loss": loss, "eval_ppl": ppl(loss)})
     return _print_json(out)
 
 
 def _estimate(args, params: config.Params) -> int:
     from .estimators import EstimationContext, estimate
+    from .reference import ReferenceRun
 
     method = args.method or params.estimate.default
     try:
         orders = _orders(args.orders, params)
-        ctx = EstimationContext(params, args.data, args.reference, args.cache)   # reads and checks all three
+        ctx = EstimationContext(ReferenceRun(params, args.data, args.reference), args.cache, args.projection)
     except REFUSED as err:
         return _refuse(err)
     est = estimate(ctx, orders, method, params.estimate.readout, params.estimate.k)
@@ -183,24 +167,12 @@ def _estimate(args, params: config.Params) -> int:
                         for o, x in zip(orders, est.eval_loss)])
 
 
-def _retrain_job(argv: list[str]) -> int:
-    """A torchrun rank's part of a parallel retrain, launched by fut itself (groundtruth.run_retrain_job)."""
-    parser = argparse.ArgumentParser(prog="python -m fut retrain-job")
-    parser.add_argument("job", type=Path)
-    parser.add_argument("--params", required=True, type=Path)
-    args = parser.parse_args(argv)
-    from .groundtruth import run_retrain_job
-
-    run_retrain_job(args.job, config.load(args.params))
-    return 0
-
-
 def _cache(args, params: config.Params) -> int:
-    from .data import load_prepared
+    from .reference import ReferenceRun
     from .storage import InsufficientDisk
 
     try:
-        prepared = load_prepared(args.data, params)
+        prepared = ReferenceRun(params, args.data, args.reference).prepared   # the data and the window start
     except REFUSED as err:
         return _refuse(err)
     if args.command == "cache":

@@ -204,11 +204,13 @@ class GroundtruthConfig:
     seed: int = 1
     structured: list[Literal["reversed", "domain_blocks", "easy_to_hard", "hard_to_easy"]] = field(
         default_factory=lambda: ["reversed", "domain_blocks", "easy_to_hard", "hard_to_easy"])
-    eval_every: int = 4   # dev: eval loss along each retrain every this many steps (and at the end)
+    eval_every: int = 4   # eval loss along the window every this many steps, for `trajectories` dev orders
+    trajectories: int = 4  # dev orders (half random, half structured) retrained with their eval loss along the way
     test: TestOrdersConfig = field(default_factory=TestOrdersConfig)
 
     def validate(self, key: str) -> None:
         _check(self.n_random >= 0, f"{key}.n_random", self.n_random, "an int >= 0")
+        _check(self.trajectories >= 0, f"{key}.trajectories", self.trajectories, "an int >= 0")
         _check(self.eval_every >= 0, f"{key}.eval_every", self.eval_every, "an int >= 0 (0: only at the end)")
 
 
@@ -223,11 +225,9 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Stage 2 (fut/cache.py): pair gradients g(θ_t, B_j), the reference's own gradients, eval gradients, the
-    paper's update terms projected, top Hessian eigenspaces of curvature batches, and fut-subspace's matrices."""
-    projection: Literal["sparse", "gaussian"] = "sparse"
-    k: int = 4096
-    seed: int = 0
+    """Stage 2 (fut/cache.py): pair gradients g(θ_t, B_j), the reference's own gradients, eval gradients, top
+    Hessian eigenspaces of curvature batches, and fut-subspace's matrices."""
+    seed: int = 0                   # of the Lanczos start vectors and fut-subspace's probe orders
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # of the full-space gradients
     # g(θ_t, B_j) for every batch at every s-th checkpoint and at T (T²/s evaluations); the paper's methods, TracIn
     # and fut-state read every checkpoint (s = 1), fut-subspace only `subspace_stride`'s.
@@ -246,7 +246,6 @@ class CacheConfig:
     def validate(self, key: str) -> None:
         _check(self.checkpoint_stride >= 1, f"{key}.checkpoint_stride", self.checkpoint_stride, "an int >= 1")
         _check(self.eval_grad_stride >= 1, f"{key}.eval_grad_stride", self.eval_grad_stride, "an int >= 1")
-        _check(self.k >= 1, f"{key}.k", self.k, "an int >= 1")
         _check(self.curvature_rank >= 1, f"{key}.curvature_rank", self.curvature_rank, "an int >= 1")
         _check(self.curvature_iterations >= self.curvature_rank, f"{key}.curvature_iterations",
                self.curvature_iterations, f"an int >= cache.curvature_rank ({self.curvature_rank})")
@@ -266,14 +265,28 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class ProjectionConfig:
+    """The paper's compression of the update terms (fut/projected.py): a seeded Johnson-Lindenstrauss projection."""
+    kind: Literal["sparse", "gaussian"] = "sparse"
+    k: int = 4096
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(self.k >= 1, f"{key}.k", self.k, "an int >= 1")
+
+
+@dataclass(frozen=True)
 class EstimateConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     default: str = DEFAULT
     readout: Literal["exact", "linear"] = "exact"   # of the full-space parameter methods (fut-state, fut)
-    k: Optional[int] = None          # projection prefix used by projected methods (null: cache.k)
+    k: Optional[int] = None          # projection prefix used by projected methods (null: projection.k)
     bootstrap: int = 1000
-    trajectory_orders: int = 4       # test orders whose estimated eval loss is also read along the steps
-    expensive_orders: int = 12       # orders (of each split) the exact-curvature references are scored on
+    # The full-space replays (fut:*, fut-state:*: about a second per order) are scored on `replay_orders` orders
+    # of each split, the exact-curvature references (a Hessian-vector product per step and order, more than a
+    # retrain) on `expensive_orders` test orders; half random, half the others, the same for every method.
+    replay_orders: int = 8
+    expensive_orders: int = 4
 
     def validate(self, key: str) -> None:
         for i, m in enumerate(self.methods):
@@ -281,6 +294,7 @@ class EstimateConfig:
         _check(self.default in self.methods, f"{key}.default", self.default, f"one of {key}.methods")
         _check(self.k is None or self.k >= 1, f"{key}.k", self.k, "null or an int >= 1")
         _check(self.bootstrap >= 10, f"{key}.bootstrap", self.bootstrap, "an int >= 10")
+        _check(self.replay_orders >= 2, f"{key}.replay_orders", self.replay_orders, "an int >= 2")
         _check(self.expensive_orders >= 2, f"{key}.expensive_orders", self.expensive_orders, "an int >= 2")
 
 
@@ -396,6 +410,7 @@ class Params:
     groundtruth: GroundtruthConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
@@ -500,8 +515,20 @@ def to_yaml(params: Params) -> str:
 
 
 def load(path: str | Path = "params.yaml") -> Params:
+    """The params of `path`; a missing file, a YAML syntax error (with its line and column) or a bad value is a
+    ConfigError that names the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"params file {str(path)!r} not found")
-    with open(path) as fh:
-        return from_dict(yaml.safe_load(fh) or {})
+        raise ConfigError(f"params file {str(path)!r} not found; pass --params FILE or run from the project's root")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        raise ConfigError(f"params file {str(path)!r}:{where} {getattr(err, 'problem', None) or 'not valid YAML'}; "
+                          "fix the YAML syntax there") from err
+    try:
+        return from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err

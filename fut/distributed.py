@@ -107,8 +107,8 @@ def rank_device(device: torch.device) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def launch(args: Sequence[str], workers: int, what: str, params_yaml: str) -> None:
-    """Run `python -m fut ARGS --params FILE` as `workers` torchrun ranks on this machine and wait, FILE holding
+def launch(module: str, args: Sequence[str], workers: int, what: str, params_yaml: str) -> None:
+    """Run `python -m MODULE ARGS --params FILE` as `workers` torchrun ranks on this machine and wait, FILE holding
     `params_yaml` (the caller's params, which need not be a file of its own); the ranks' output is passed
     through as it comes (progress bars included). Raises naming the command and the ranks' last output if any
     rank fails. The launch dies with this process (and its ranks with it)."""
@@ -117,7 +117,7 @@ def launch(args: Sequence[str], workers: int, what: str, params_yaml: str) -> No
         params_file.write_text(params_yaml)
         args = [*args, "--params", str(params_file)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
-               "-m", "fut", *args]
+               "-m", module, *args]
         parent = os.getpid()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 preexec_fn=lambda: die_with_parent(parent))
@@ -135,5 +135,5 @@ def launch(args: Sequence[str], workers: int, what: str, params_yaml: str) -> No
         code = proc.wait()
         reader.join()
     if code != 0:
-        raise RuntimeError(f"{what}: `torchrun --nproc-per-node={workers} -m fut {' '.join(args)}` failed with "
+        raise RuntimeError(f"{what}: `torchrun --nproc-per-node={workers} -m {module} {' '.join(args)}` failed with "
                            f"exit status {code}; its last output:\n{tail.decode(errors='replace')}")

@@ -37,6 +37,7 @@ from .adam import AdamHyper, adam_moments, clip_scale, update_term, update_term_
 from .cache import UpdateCache, batch_group
 from .methods import METHODS
 from .orders import validate_order
+from .projected import ProjectedStore
 from .projection import prefix
 from .reference import ReferenceRun
 from .subspace import Subspace, delta as subspace_delta
@@ -66,9 +67,11 @@ class EstimationContext:
     `train.device` (tensors read from disk are moved there; evaluation under the training's autocast, as the
     retrained truth is evaluated); what it hands back to callers (estimates, deviations) is on the CPU."""
 
-    def __init__(self, run: ReferenceRun, cache_dir: Path):
+    def __init__(self, run: ReferenceRun, cache_dir: Path, projection_dir: Path | None = None):
+        """`projection_dir`: the projected update terms (fut/projected.py), read by `tracin` and `fut:projected`."""
         self.run, self.params = run, run.params
         self.cache = UpdateCache(run, cache_dir)
+        self.projection_dir = projection_dir
         self.device, self.T, self.lrs, self.hp, self.layout = run.device, run.T, run.lrs, run.hp, run.layout
         self.prepared = run.prepared
         self._grads: dict = {}
@@ -113,6 +116,13 @@ class EstimationContext:
             else:
                 self._eigen[key] = (vals.to(self.device), vecs.to(self.device))
         return self._eigen[key]
+
+    @cached_property
+    def projected(self) -> ProjectedStore:
+        if self.projection_dir is None:
+            raise ValueError("the projected methods (tracin, fut:projected) read the projection stage's output: "
+                             "pass its folder (data/projection)")
+        return ProjectedStore(self.params, self.cache, self.projection_dir)
 
     @cached_property
     def subspace(self) -> Subspace:
@@ -242,7 +252,7 @@ def _influence_scores(ctx: EstimationContext, kind: str, k: int | None) -> list[
     out = []
     for t in range(T):
         if kind == "projected":
-            gam, e = ctx.cache.tensor(t, "proj_gamma"), ctx.cache.tensor(t + 1, "proj_eval_grad")
+            gam, e = ctx.projected.gamma(t), ctx.projected.eval_grad(t + 1)
             if k is not None:
                 gam, e = prefix(gam, k), prefix(e, k)
         else:
@@ -256,11 +266,11 @@ def _influence_scores(ctx: EstimationContext, kind: str, k: int | None) -> list[
 def fut_projected(ctx: EstimationContext, sigma: torch.Tensor, k: int | None) -> torch.Tensor:
     """The first-order recursion on the projected update terms, read out with the projected eval gradient at
     θ_T: L_T + ⟨P∇L_E(θ_T), −Σ_t η_t (PΓ_{t,σ(t)} − PΓ_{t,t})⟩."""
-    e = ctx.cache.tensor(ctx.T, "proj_eval_grad")
+    e = ctx.projected.eval_grad(ctx.T)
     e = prefix(e, k) if k is not None else e
     total = torch.zeros(sigma.shape[0], dtype=torch.float64)
     for t in range(ctx.T):
-        gam = ctx.cache.tensor(t, "proj_gamma")
+        gam = ctx.projected.gamma(t)
         gam = prefix(gam, k) if k is not None else gam
         scores = -ctx.lrs[t] * (gam @ e)
         total += (scores[sigma[:, t]] - scores[t]).double()

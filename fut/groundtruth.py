@@ -10,7 +10,9 @@ ranks die with the stage's process (Linux), so a killed stage leaves no retrain 
 """
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .config import Params, to_yaml
+from .config import Params, load, to_yaml
 from .costs import peak_rss_mb
 from .device import describe_device
 from .distributed import launch, process_group
@@ -126,7 +128,7 @@ def retrain_all(params: Params, orders: dict[str, list[int]], data_dir: Path, re
                 atomic_write_json(job, {"orders": todo, "data_dir": str(data_dir), "ref_dir": str(ref_dir),
                                         "out_dir": str(out_dir), "readouts": list(readouts), "eval_every": eval_every,
                                         "desc": desc})
-                launch(["retrain-job", str(job)], min(workers, len(todo)), desc, to_yaml(params))
+                launch("fut.groundtruth", [str(job)], min(workers, len(todo)), desc, to_yaml(params))
         elif todo:
             oracle = Oracle(run)
             mine = ranks.mine(list(todo), [1.0] * len(todo))
@@ -138,11 +140,16 @@ def retrain_all(params: Params, orders: dict[str, list[int]], data_dir: Path, re
     return {n: read_json(result_path(out_dir, n)) for n in orders}
 
 
-def run_retrain_job(job_file: Path, params: Params) -> None:
-    """A torchrun rank's part of `retrain_all`'s launch (`python -m fut retrain-job JOB --params FILE`)."""
-    job = read_json(job_file)
-    retrain_all(params, job["orders"], Path(job["data_dir"]), Path(job["ref_dir"]), Path(job["out_dir"]),
+def main(argv: list[str] | None = None) -> int:
+    """One torchrun rank of `retrain_all`'s launch: `python -m fut.groundtruth JOB --params FILE`."""
+    ap = argparse.ArgumentParser(prog="python -m fut.groundtruth")
+    ap.add_argument("job", type=Path)
+    ap.add_argument("--params", type=Path, required=True)
+    args = ap.parse_args(argv)
+    job = read_json(args.job)
+    retrain_all(load(args.params), job["orders"], Path(job["data_dir"]), Path(job["ref_dir"]), Path(job["out_dir"]),
                 job["readouts"], job["eval_every"], job["desc"])
+    return 0
 
 
 def noise_floor(oracle: Oracle, seed: int = 0) -> dict:
@@ -173,3 +180,7 @@ def noise_floor(oracle: Oracle, seed: int = 0) -> dict:
             "rounding_perturbation_param_rel": float((rounding - base).norm() / moved),
             "thread_count_abs_ppl": abs(threads_ppl - base_ppl),
             "thread_count_param_rel": float((other - base).norm() / moved)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,7 +22,10 @@ class Method:
     every_checkpoint: bool      # reads g(θ_t, B_j) at every checkpoint (a full pair cache)
     estimates_parameters: bool  # gives θ_T + δ, so any readout (per-domain, per-batch loss) is available
     readout: str                # exact | quadratic | linear | direct
-    expensive: bool = False     # a curvature product per step and order: scored on a subset of the orders
+    # Which orders the estimate stage scores it on: `all`, `replay` (a full-space replay, about a second per
+    # order: estimate.replay_orders of each split) or `expensive` (a curvature product per step and order, more
+    # than a retrain: estimate.expensive_orders test orders).
+    scored_on: str = "all"
     about: str = ""
 
     @property
@@ -43,8 +46,10 @@ class Method:
         return self.name.startswith("tracin") or self.name == "fut:projected"
 
 
-def _m(name, family, state, curvature, every, params, readout, expensive=False, about=""):
-    return Method(name, family, state, curvature, every, params, readout, expensive, about)
+def _m(name, family, state, curvature, every, params, readout, about=""):
+    scored_on = "expensive" if curvature == "hvp" else ("replay" if state in ("reference", "own") and params
+                                                          and readout == "exact" else "all")
+    return Method(name, family, state, curvature, every, params, readout, scored_on, about)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -59,7 +64,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     _m("fut:secant", "paper", "reference", "secant", True, True, "exact",
        about="FUT with the Jacobian f'(g)∘(D δ) + λδ, D the guarded secant of the gradient"),
     _m("fut:eig", "paper", "reference", "eig", True, True, "exact", about="FUT with the cached eigenspace"),
-    _m("fut:hvp", "paper", "reference", "hvp", True, True, "exact", expensive=True,
+    _m("fut:hvp", "paper", "reference", "hvp", True, True, "exact",
        about="FUT with the exact Jacobian-vector product of Γ (frozen reference moments)"),
     _m("fut++:secant", "paper", "reference", "secant", True, True, "exact",
        about="fut:secant plus the paper's second-order term from the same batch's second difference"),
@@ -68,7 +73,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     _m("fut-state:none", "ours", "own", "none", True, True, "exact"),
     _m("fut-state:secant", "ours", "own", "secant", True, True, "exact"),
     _m("fut-state:eig", "ours", "own", "eig", True, True, "exact"),
-    _m("fut-state:hvp", "ours", "own", "hvp", True, True, "exact", expensive=True),
+    _m("fut-state:hvp", "ours", "own", "hvp", True, True, "exact"),
     _m("tracin", "influence", "reference", "none", True, False, "direct",
        about="first-order influence along the reference path, projected"),
     _m("tracin:full", "influence", "reference", "none", True, False, "direct", about="tracin in full space"),

@@ -168,7 +168,7 @@ class ReferenceRun:
     @cached_property
     def key(self) -> str:
         """What results derived from this run depend on: its params and its stored trajectory's values."""
-        return self.hash + "/" + trajectory_digest(self.ref_dir, self.T)
+        return trajectory_key(self.params, self.prepared, self.ref_dir)
 
     @cached_property
     def loss(self) -> LossFunction:

@@ -24,7 +24,7 @@ from .config import SWEEP_KNOBS, Params
 from .estimators import EstimationContext
 from .reference import ReferenceRun
 from .stages import cache as cache_stage, groundtruth as groundtruth_stage, prepare as prepare_stage
-from .stages import reference as reference_stage
+from .stages import projection as projection_stage, reference as reference_stage
 from .storage import atomic_write_json, read_json, versions
 
 SUMMARY = ("spearman", "kendall", "r2_order_effect", "bias_ppl", "absdiff_ppl", "rel_err", "n", "n_non_finite")
@@ -53,7 +53,7 @@ def point_params(params: Params, overrides: dict[str, object], corpus_dir: Path)
     d["corpus"]["max_chars_per_domain"] = 2 ** 40
     s = params.sweep
     # A point scores every order it retrains (its own dev set: no test set, nothing is chosen inside a point).
-    d["groundtruth"].update(n_random=s.n_random, structured=list(s.structured), eval_every=0,
+    d["groundtruth"].update(n_random=s.n_random, structured=list(s.structured), trajectories=0,
                             test={**d["groundtruth"]["test"], "n_random": 0, "domain_blocks": 0, "difficulty": 0,
                                   "interleaved": 0})
     d["parallel"]["workers"] = 1
@@ -75,15 +75,17 @@ def point_key(point: Params, base: Params) -> str:
 def run_point(params: Params, key: str, name: str, work_dir: Path, out_file: Path, keep: bool = False) -> dict:
     """One whole run; writes and returns its summary under the provenance `key`."""
     work = Path(work_dir) / name
-    dirs = {k: work / k for k in ("prepared", "reference", "groundtruth", "cache")}
+    dirs = {k: work / k for k in ("prepared", "reference", "groundtruth", "cache", "projection")}
     t0 = time.perf_counter()
     prepare_stage.run(params, dirs["prepared"])
     _, ref = reference_stage.run(params, dirs["prepared"], dirs["reference"])
     results, gt = groundtruth_stage.run(params, dirs["prepared"], dirs["reference"], dirs["groundtruth"])
     cache = cache_stage.run(params, dirs["prepared"], dirs["reference"], dirs["cache"])
+    projection_stage.run(params, dirs["prepared"], dirs["reference"], dirs["cache"], dirs["projection"])
     truth = results[protocol.DEV]
     named = protocol.scored({n: r["order"] for n, r in truth.items()})
-    ctx = EstimationContext(ReferenceRun(params, dirs["prepared"], dirs["reference"]), dirs["cache"])
+    ctx = EstimationContext(ReferenceRun(params, dirs["prepared"], dirs["reference"]), dirs["cache"],
+                            dirs["projection"])
     estimates, seconds = {}, {}
     for method in params.estimate.methods:
         est = estimators.estimate(ctx, list(named.values()), method)

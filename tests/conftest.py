@@ -8,7 +8,8 @@ import pytest
 
 from checks.runs import Run
 from checks.tiny import tiny_params, write_tiny_text
-from fut import config, pipeline
+from fut import config
+from fut.stages import cache, groundtruth, prepare, reference
 from fut.storage import atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +26,8 @@ def tiny(tmp_path_factory, text_dir):
     """Prepared data and a reference run for the tiny params: (params, data_dir, ref_dir, ref_metrics)."""
     root = tmp_path_factory.mktemp("tiny")
     params = config.from_dict(tiny_params(text_dir))
-    atomic_write_json(root / "prepare.json", pipeline.prepare(params, root / "prepared"))   # for `tiny_run`
-    _, metrics = pipeline.reference(params, root / "prepared", root / "reference")
+    atomic_write_json(root / "prepare.json", prepare.run(params, root / "prepared"))   # for `tiny_run`
+    _, metrics = reference.run(params, root / "prepared", root / "reference")
     return params, root / "prepared", root / "reference", metrics
 
 
@@ -36,9 +37,8 @@ def tiny_truth(tiny, tmp_path_factory):
     (params, data_dir, ref_dir, cache_dir, gt_dir)."""
     params, data_dir, ref_dir, _ = tiny
     root = tmp_path_factory.mktemp("tiny_truth")
-    pipeline.cache(params, data_dir, ref_dir, root / "cache")
-    results, _ = pipeline.groundtruth(params, data_dir, ref_dir, root / "groundtruth")
-    atomic_write_json(root / "groundtruth" / "results.json", results)
+    cache.run(params, data_dir, ref_dir, root / "cache")
+    groundtruth.run(params, data_dir, ref_dir, root / "groundtruth")
     return params, data_dir, ref_dir, root / "cache", root / "groundtruth"
 
 
@@ -51,7 +51,7 @@ def tiny_run(tiny, tiny_truth) -> Run:
     run = Run(params, {"prepare": data_dir, "reference": ref_dir, "groundtruth": gt_dir,
                        "cache": cache_dir, "estimate": data_dir.parent / "estimate"})
     run.metrics = {"prepare": read_json(data_dir.parent / "prepare.json"), "reference": ref_metrics,
-                   "groundtruth": pipeline.groundtruth(params, data_dir, ref_dir, gt_dir)[1],
+                   "groundtruth": groundtruth.run(params, data_dir, ref_dir, gt_dir)[1],
                    "cache": read_json(cache_dir / "stats.json")}
     return run
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +32,19 @@ TIMED_RETRAINS = 5
 THROUGHPUT_ORDERS = 20_000
 
 
-def expensive_subset(orders: dict[str, list[int]], n: int) -> dict[str, list[int]]:
-    """The orders the exact-curvature references are scored on: half random, half the others (in name order)."""
+def subset(orders: dict[str, list[int]], n: int) -> dict[str, list[int]]:
+    """The orders a costly method is scored on: half random, half the others (in name order), the same for every
+    method of its class."""
     rand = sorted(o for o in orders if family(o) == "random")
     rest = sorted(o for o in orders if family(o) != "random")
     keep = rand[: (n + 1) // 2] + rest[: n // 2]
     return {k: orders[k] for k in sorted(keep)}
 
 
-def one_time_seconds(method: str, params: Params, stats: dict, T: int, eval_batches: float) -> float:
+def one_time_seconds(method: str, params: Params, stats: dict, T: int, eval_batches: float,
+                     projection_seconds: float) -> float:
     """The cache work a method reads, in seconds, from the cache build's own records: every gradient it needs at
-    the measured seconds per gradient, its eigenspaces' Lanczos and fut-subspace's matrices."""
+    the measured seconds per gradient, its eigenspaces' Lanczos, fut-subspace's matrices, the projection."""
     m = METHODS[method]
     if method == "naive":
         return 0.0
@@ -56,15 +59,16 @@ def one_time_seconds(method: str, params: Params, stats: dict, T: int, eval_batc
         grads = counts["pair_gradients"] + counts["own_gradients"]
         evals = counts["eval_gradients"] if m.needs_eval_gradients else eval_batches
         extra = (stats["curvature_seconds"] if m.needs_eigenspaces else 0.0) + (
-            stats["projection_seconds"] if m.needs_projection else 0.0)
+            projection_seconds if m.needs_projection else 0.0)
     return grads * per_grad + evals * per_eval + extra
 
 
-def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: Path) -> tuple[dict, dict]:
+def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, projection_dir: Path,
+        gt_dir: Path) -> tuple[dict, dict]:
     e = params.estimate
     ref = ReferenceRun(params, data_dir, ref_dir)
     with measured() as load:
-        ctx = EstimationContext(ref, cache_dir)
+        ctx = EstimationContext(ref, cache_dir, projection_dir)
     summary = read_json(Path(ref_dir) / "summary.json")
     splits = protocol.split_orders(params, ref.prepared.window_domains, len(ref.prepared.domains),
                                    summary["batch_losses_start"])
@@ -81,8 +85,12 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: 
     estimates = {split: {} for split in orders}
     seconds, diverged = {}, {}
     for method in e.methods:
+        scored_on = METHODS[method].scored_on
         for split, named in orders.items():
-            chosen = expensive_subset(named, e.expensive_orders) if METHODS[method].expensive else named
+            if scored_on == "expensive" and split == protocol.DEV:
+                continue
+            chosen = {"all": named, "replay": subset(named, e.replay_orders),
+                      "expensive": subset(named, e.expensive_orders)}[scored_on]
             est = estimators.estimate(ctx, list(chosen.values()), method, e.readout, e.k)
             estimates[split][method] = dict(zip(chosen, est.eval_loss.double().tolist()))
             if split == protocol.TEST:
@@ -105,15 +113,15 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: 
     eval_batches = ref.prepared.eval_mixed.shape[0] / ref.batch_size
     methods = {}
     for method in e.methods:
-        once = one_time_seconds(method, params, cache_stats, ref.T, eval_batches)
+        once = one_time_seconds(method, params, cache_stats, ref.T, eval_batches,
+                                projection_seconds=ctx.projected.seconds if METHODS[method].needs_projection else 0.0)
         sec = seconds[method]
         methods[method] = {
             "family": METHODS[method].family, "about": METHODS[method].about, "readout": METHODS[method].readout,
             "seconds_per_order": sec, "speedup_vs_retrain": retrain_s / sec if sec > 0 else None,
             "one_time_seconds": once,
             "break_even_orders": once / (retrain_s - sec) if method != "naive" and sec < retrain_s else None,
-            "first_non_finite_step": diverged[method],
-            "scored_on": "a subset" if METHODS[method].expensive else "all orders"}
+            "first_non_finite_step": diverged[method], "scored_on": METHODS[method].scored_on}
 
     default = e.default
     end_to_end = _end_to_end_seconds(ref, cache_dir, list(orders[protocol.TEST].values()), default)
@@ -121,6 +129,7 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: 
     once = methods[default]["one_time_seconds"]
     metrics = {
         "default_method": default, "readout": e.readout, "naive_eval_loss": ctx.naive_loss,
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "retrain_seconds_per_order": retrain_s, "retrain_seconds_timed": retrain["all"],
         "default_seconds_per_order": per_order, "speedup_per_order": retrain_s / per_order,
         "break_even_orders": once / (retrain_s - per_order) if per_order < retrain_s else None,
@@ -130,9 +139,10 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, gt_dir: 
         "methods": methods, "dev": dev_block, "test": test_block,
         "readouts": _readout_fidelity(estimates[protocol.TEST], seconds),
         "surrogate": _throughput(ctx, default, test_block, ref.T),
-        "expensive_orders": e.expensive_orders,
+        "replay_orders": e.replay_orders, "expensive_orders": e.expensive_orders,
     }
-    trajectories = estimate_trajectories(ctx, oracle, dev, _trajectory_orders(dev, e.trajectory_orders), e.methods)
+    trajectories = estimate_trajectories(ctx, oracle, dev, [n for n, r in dev.items() if "trajectory" in r],
+                                         e.methods)
     for method, err in trajectories["error"].items():
         metrics["methods"][method].update(err)
     metrics["trajectory_orders"] = trajectories["orders"]
@@ -180,19 +190,13 @@ def _throughput(ctx: EstimationContext, method: str, test_block: dict, T: int) -
             "families": {f: {method: m[method]} for f, m in test_block["families"].items() if method in m}}
 
 
-def _trajectory_orders(dev: dict, n: int) -> list[str]:
-    """Dev orders the trajectory figure follows: half random, half structured."""
-    rand = sorted(k for k in dev if family(k) == "random")
-    other = sorted(k for k in dev if family(k) in ("domain_blocks", "structured"))
-    return rand[: (n + 1) // 2] + other[:: max(1, len(other) // max(n // 2, 1))][: n // 2]
-
-
 def estimate_trajectories(ctx: EstimationContext, oracle: Oracle, truth: dict, names: list[str],
                           methods: list[str]) -> dict:
     """Estimated and true eval loss along the steps for a few dev orders (the paper's trajectory figure), and per
     parameter-space method the mean error along the steps and the parameter error ‖γ_est − γ_true‖ /
     ‖θ_T − γ_true‖ at the end."""
-    methods = [m for m in methods if METHODS[m].estimates_parameters and m != "naive" and not METHODS[m].expensive
+    methods = [m for m in methods if METHODS[m].estimates_parameters and m != "naive"
+               and METHODS[m].scored_on != "expensive"
                and METHODS[m].readout == "exact"]     # fut-subspace's parameters: through fut-subspace:exact
     rows, errors = [], {m: {"loss": [], "param": []} for m in methods}
     for name in names:
