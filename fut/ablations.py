@@ -1,4 +1,5 @@
-"""The ablation table, on the dev orders only (every choice is made there; the test orders are the final table's).
+"""The ablation table, on the dev orders (every choice is made there; the test orders are the final table's, and
+reach this table only as the final scoring's per-order pairs that validate the error indicator).
 Answered by one cache without retraining: projection size k (prefixes of the stored projection) for the methods
 that read it, fut-subspace's readout (the calibrated quadratic against evaluating its parameters) and its pair
 checkpoints (its matrices rebuilt from pairs at every s-th checkpoint of this cache, which holds them all), and
@@ -18,7 +19,7 @@ from .config import Params
 from .estimators import EstimationContext
 from .orders import FAMILIES, family
 from .reference import ReferenceRun
-from .stats import accuracy
+from .stats import accuracy, rank_correlation
 from .storage import read_json
 from .subspace import build_subspace
 from .sweep import collect
@@ -27,6 +28,12 @@ log = logging.getLogger(__name__)
 
 SUMMARY = ("spearman", "kendall", "r2_order_effect", "bias_ppl", "absdiff_ppl", "rel_err", "n_non_finite", "n")
 K_VALUES = (16, 64, 256, 1024, 4096)
+# When fut-subspace's own indicators say not to trust a run: its skill score predicted from them (errors
+# predicted as `scale` × error_indicator_ppl, the scale set on the default run's dev orders) is below
+# FLAG_SKILL, the bar the sweep's failing points are defined by; or Adam's preconditioner moves more than 10%
+# during the window (the replay freezes it; set before looking at any run's accuracy).
+FLAG_SKILL, FLAG_DRIFT = 0.5, 0.10
+INDICATORS = ("error_indicator_ppl", "knot_disagreement", "precond_drift")
 
 
 def ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, projection_dir: Path, gt_dir: Path,
@@ -68,11 +75,15 @@ def ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, pr
             loss = torch.tensor([ctx.eval_loss(ctx.theta_T + d.to(ctx.device)) for d in delta])
             table["subspace_pair_stride"][str(stride)] = {**scored(loss, 0.0), "pair_checkpoints": src.pair_checkpoints}
 
+    if params.cache.checkpoint_stride == 1:       # the paper's literal secant reads pairs at every checkpoint
+        table["secant_raw"] = estimators.secant_raw_gain(ctx)
+
     # The estimate stage scored every configured method on the dev orders: its block, not recomputed.
     dev_block = read_json(estimates_file)["dev"]["families"]
     table["methods"] = {m: {fam: {k: block[m][k] for k in SUMMARY} for fam, block in dev_block.items() if m in block}
                         for m in e.methods}
     sweep, stale = collect(params, sweeps_dir)
+    table["error_proxy"] = error_proxy(read_json(estimates_file), sweeps_dir, stale)
     if stale:
         log.warning("sweep points computed with other params, left out (rerun: python -m fut sweep --only %s)",
                     " ".join(stale))
@@ -90,3 +101,41 @@ def _sweep_row(r: dict) -> dict:
     keep = ("window_steps", "batch_size", "lr", "warmstart", "orders_scored", "true_ppl_std", "random_ppl_std",
             "retrain_seconds_per_order", "cache_seconds", "eval_ppl_end")
     return {**{k: r.get(k) for k in keep}, "methods": r["methods"]}
+
+
+def flagged(trust: list[dict], naive_ppl: float, scale: float) -> dict:
+    """A run's verdict from fut-subspace's own indicators (FLAG_* above) and the values it is based on: the skill
+    score 1 − Σ err² / Σ effect² with err = scale × indicator and the effect as estimated."""
+    effect = sum((t["est_ppl"] - naive_ppl) ** 2 for t in trust) or 1e-30
+    predicted = 1 - scale ** 2 * sum(t["error_indicator_ppl"] ** 2 for t in trust) / effect
+    drift = float(np.median([t["precond_drift"] for t in trust])) if trust else 0.0
+    return {"predicted_r2": predicted, "precond_drift": drift,
+            "knot_disagreement": float(np.median([t["knot_disagreement"] for t in trust])) if trust else 0.0,
+            "flagged": predicted < FLAG_SKILL or drift > FLAG_DRIFT}
+
+
+def error_proxy(estimates: dict, sweeps_dir: Path, stale: list[str]) -> dict:
+    """fut-subspace's error indicators against its true absolute error, over the default run's test orders and every
+    current sweep point's orders together (Spearman per indicator), and per sweep point: flagged by the indicators,
+    and failing (R² of the order effect below 0.5 on the point's orders)."""
+    block = estimates.get("error_indicator") or {}
+    pairs = [dict(p, run="default") for p in block.get("test_pairs", [])]
+    scale = block.get("scale", 1.0)
+    points = {}
+    for path in sorted(Path(sweeps_dir).glob("*.json")):
+        r = read_json(path)
+        trust = r.get("trust") or []
+        if not trust or r["point"] in stale:
+            continue
+        pairs += [dict(p, run=r["point"]) for p in trust]
+        r2 = r["methods"][r["default_method"]]["families"]["all"]["r2_order_effect"]
+        points[r["point"]] = {**flagged(trust, float(np.exp(r["naive_eval_loss"])), scale), "r2_order_effect": r2,
+                              "failing": r2 is None or r2 < 0.5}
+    err = [p["abs_error_ppl"] for p in pairs]
+    default = flagged(block.get("test_pairs", []), float(np.exp(estimates["naive_eval_loss"])), scale)
+    return {"method": block.get("method"), "scale": scale, "n_orders": len(pairs), "n_runs": 1 + len(points),
+            "default_run": default,
+            "spearman_with_true_error": {k: rank_correlation([p[k] for p in pairs], err) for k in INDICATORS},
+            "test_only": (block.get("spearman") or {}).get("test"),
+            "points": points, "flagged": sorted(p for p, v in points.items() if v["flagged"]),
+            "failing": sorted(p for p, v in points.items() if v["failing"])}

@@ -99,10 +99,15 @@ def curvature_step_at(params: Params, T: int, t: int) -> int:
     return max(c for c in curvature_steps(params, T) if c <= t)
 
 
+# The layout and meaning of the files: bumped when what a file holds changes (2: the subspace file's knot
+# disagreement), so a cache written by older code is refused instead of misread.
+FORMAT = 2
+
+
 def cache_provenance(params: Params, prepared: Prepared, ref_dir: Path, dim: int) -> dict:
     """What every file depends on, key by key, so a refused file is refused naming what differs."""
     c = params.cache
-    return {"prepare_hash": prepared.prepare_hash, "tokenizer_sha256": prepared.tokenizer_sha256,
+    return {"format": FORMAT, "prepare_hash": prepared.prepare_hash, "tokenizer_sha256": prepared.tokenizer_sha256,
             "reference_hash": reference_hash(params, prepared),
             "trajectory_sha256": trajectory_digest(ref_dir, params.window.steps),
             "cache_params": params.section_hash("cache"), "dim": dim, "dtype": c.dtype}
@@ -159,9 +164,22 @@ def work_units(params: Params, T: int, groups: list[str]) -> list[Unit]:
             + ([Unit("subspace", "fut-subspace")] if "domain" in params.cache.curvature else []))
 
 
-def file_shapes(params: Params, T: int, dim: int, kind: str, t: int) -> dict[str, list[int]]:
-    """The tensors of pairs shard t or of a curvature file at checkpoint t, and their shapes."""
+def subspace_shapes(params: Params, T: int, groups: list[str]) -> dict[str, list[int]]:
+    """The tensors of subspace.safetensors (fut/subspace.py Subspace.tensors) and their shapes, all 8-byte."""
+    g = len([x for x in groups if x.startswith("domain")])
+    blocks, r = g * len(curvature_steps(params, T)), params.cache.curvature_rank
+    n = basis_layout(T, len(subspace_checkpoints(params, T)), [r] * blocks)["size"]
+    shapes = {"gram": [n, n], "forcing": [T, T, n], "lin": [n], "a": [T], "b": [T], "step_block": [T, g],
+              "batch_group": [T], "eig_offsets": [blocks], "readout_coef": [g + 1]}
+    return {**shapes, **{f"eig_values.{i}": [r] for i in range(blocks)}}
+
+
+def file_shapes(params: Params, T: int, dim: int, kind: str, t: int, groups: list[str] = ()) -> dict[str, list[int]]:
+    """The tensors of pairs shard t, of a curvature file at checkpoint t or of the subspace file (which needs the
+    curvature `groups`), and their shapes."""
     c = params.cache
+    if kind == "subspace":
+        return subspace_shapes(params, T, list(groups))
     if kind == "curvature":
         return {"eig_values": [c.curvature_rank], "eig_vectors": [c.curvature_rank, dim]}
     pairs = t in pair_checkpoints(params, T)
@@ -205,12 +223,10 @@ def unit_cost(params: Params, T: int, prepared: Prepared, unit: Unit) -> float:
     return len(curvature_steps(params, T)) * c.curvature_iterations * HVP_COST * c.curvature_batch / b
 
 
-def file_bytes(params: Params, T: int, dim: int, kind: str, t: int) -> int:
-    """Size of one file's tensors (its header adds a few kB); the subspace file's is small and not counted."""
-    if kind == "subspace":
-        return 0
-    return sum(math.prod(shape) * (DTYPES[params.cache.dtype].itemsize if name == "grad" else 4)
-               for name, shape in file_shapes(params, T, dim, kind, t).items())
+def file_bytes(params: Params, T: int, dim: int, kind: str, t: int, groups: list[str] = ()) -> int:
+    """Size of one file's tensors (its header adds a few kB)."""
+    size = lambda name: 8 if kind == "subspace" else (DTYPES[params.cache.dtype].itemsize if name == "grad" else 4)
+    return sum(math.prod(shape) * size(name) for name, shape in file_shapes(params, T, dim, kind, t, groups).items())
 
 
 def file_checkpoint(path: Path) -> int:
@@ -219,20 +235,19 @@ def file_checkpoint(path: Path) -> int:
 
 def cache_files(params: Params, T: int, dim: int, groups: list[str], cache_dir: Path) -> list[tuple[Path, int]]:
     """Every file of the complete cache and its tensors' size in bytes."""
-    return [(path, file_bytes(params, T, dim, u.kind, file_checkpoint(path)))
+    return [(path, file_bytes(params, T, dim, u.kind, file_checkpoint(path), groups))
             for u in work_units(params, T, groups) for path in unit_files(params, T, cache_dir, u)]
 
 
-def check_file(path: Path, expected: dict, shapes: dict[str, list[int]] | None) -> dict[str, dict]:
-    """Refuse a cache file unless it is this cache's (provenance), holds the tensors it must with their shapes
-    (`shapes`; None: the subspace file, whose shapes follow from its own metadata), and its header matches the
-    records written with it; returns those records (checksums are checked on read)."""
+def check_file(path: Path, expected: dict, shapes: dict[str, list[int]]) -> dict[str, dict]:
+    """Refuse a cache file unless it is this cache's (provenance), holds the tensors it must with their shapes,
+    and its header matches the records written with it; returns those records (checksums are checked on read)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the cache is incomplete; run the cache stage (dvc repro cache)")
     meta, records, layout = read_header(path)
     check_metadata(path, meta, expected)
     check_layout(path, records, layout)
-    for name in sorted(set(shapes or {}) | set(layout if shapes is not None else {})):
+    for name in sorted(set(shapes) | set(layout)):
         have = layout[name]["shape"] if name in layout else "missing"
         if have != shapes.get(name, "absent"):
             raise CorruptArtefact(f"{path}: tensor {name!r} is {have} but this cache needs "
@@ -259,11 +274,10 @@ class CacheBuilder:
         self.window, self.eval_seqs = self.prepared.window.to(self.device), self.prepared.eval_mixed.to(self.device)
         self.units = work_units(self.params, self.T, list(self.curvature))
 
-    def _expected(self, path: Path) -> tuple[dict, dict[str, list[int]] | None]:
-        if path.name == SUBSPACE:
-            return {**self.meta, "t": -1}, None
-        kind, t = "pairs" if path.name.startswith("shard_") else "curvature", file_checkpoint(path)
-        return {**self.meta, "t": t}, file_shapes(self.params, self.T, self.layout.dim, kind, t)
+    def _expected(self, path: Path) -> tuple[dict, dict[str, list[int]]]:
+        kind = "subspace" if path.name == SUBSPACE else ("pairs" if path.name.startswith("shard_") else "curvature")
+        t = file_checkpoint(path)
+        return {**self.meta, "t": t}, file_shapes(self.params, self.T, self.layout.dim, kind, t, list(self.curvature))
 
     def is_complete(self, path: Path) -> bool:
         """The file is this cache's, complete, and every tensor matches its checksum (read in full)."""
@@ -445,7 +459,7 @@ class UpdateCache:
                 continue            # being built from this reader
             for path in unit_files(self.params, self.T, self.cache_dir, unit):
                 t = file_checkpoint(path)
-                shapes = None if unit.kind == "subspace" else file_shapes(self.params, self.T, dim, unit.kind, t)
+                shapes = file_shapes(self.params, self.T, dim, unit.kind, t, groups)
                 self.records[path.name] = check_file(path, {**provenance, "t": t}, shapes)
         self.verified: set[tuple[str, str]] = set()
 
@@ -522,10 +536,9 @@ class UpdateCache:
         checkpoint (default: `cache.subspace_stride`'s), the own and after-step gradients, the domain eigenspaces."""
         T, run, hp = self.T, self.run, self.run.hp
         keys = self.eigen_keys()
-        t_mid = T // 2
-        _, m, v, step = run.flat(t_mid)
-        _, v1 = adam_moments(self.own_grad(t_mid).to(run.device), m, v, hp)
-        precond = 1 / ((v1 / (1 - hp.beta2 ** (step + 1))).sqrt() + hp.eps)
+        precond = {t: self._precond(t) for t in range(T)}
+        mid = precond[T // 2]
+        drift = max(float((p / mid - 1).abs().median()) for p in precond.values())
         cks = subspace_checkpoints(self.params, T) if stride is None else _every(stride, T)
         missing = sorted(set(cks) - set(pair_checkpoints(self.params, T)))
         if missing:
@@ -536,8 +549,15 @@ class UpdateCache:
             pair_checkpoints=cks, eigen_keys=keys,
             eigen_values=[self.eigen(c, g)[0] for c, g in keys], groups=[batch_group(run.prepared, j) for j in range(T)],
             rows=lambda cols: self.basis_rows(cks, cols), dim=run.layout.dim, chunk=max(1, BASIS_FLOATS // n_rows),
-            theta=lambda t: run.theta(t).cpu(), precond=precond.cpu(), eval_grad=self.eval_grad(T), lrs=run.lrs,
+            theta=lambda t: run.theta(t).cpu(), precond=mid.cpu(), precond_drift=drift, eval_grad=self.eval_grad(T),
+            lrs=run.lrs,
             adam_steps=[run.start.adam_step + t + 1 for t in range(T)], hp=hp)
+
+    def _precond(self, t: int) -> torch.Tensor:
+        """Adam's preconditioner 1/(sqrt(v̂) + ε) of the reference step t (v after the step, bias-corrected)."""
+        _, m, v, step = self.run.flat(t)
+        _, v1 = adam_moments(self.own_grad(t).to(self.run.device), m, v, self.run.hp)
+        return 1 / ((v1 / (1 - self.run.hp.beta2 ** (step + 1))).sqrt() + self.run.hp.eps)
 
     def subspace(self) -> Subspace:
         path = self.cache_dir / SUBSPACE

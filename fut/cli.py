@@ -163,8 +163,10 @@ def _estimate(args, params: config.Params) -> int:
     except REFUSED as err:
         return _refuse(err)
     est = estimate(ctx, orders, method, params.estimate.readout, params.estimate.k)
-    return _print_json([{"order": o, "method": method, "eval_loss": float(x), "eval_ppl": ppl(float(x))}
-                        for o, x in zip(orders, est.eval_loss)])
+    trust = est.indicators or {}
+    return _print_json([{"order": o, "method": method, "eval_loss": float(x), "eval_ppl": ppl(float(x)),
+                         **({"trust": {k: v[i] for k, v in trust.items()}} if trust else {})}
+                        for i, (o, x) in enumerate(zip(orders, est.eval_loss))])
 
 
 def _cache(args, params: config.Params) -> int:

@@ -105,8 +105,16 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     init_seed: int = 0
+    # A local Hugging Face causal-LM checkpoint (safetensors, with its tokenizer) to start from instead of the
+    # seeded Llama: the fields above are then ignored.
+    pretrained: Optional[str] = None
 
     def validate(self, key: str) -> None:
+        if self.pretrained is not None:
+            from .pretrained import problem   # here: it imports torch, which loading other params never needs
+
+            found = problem(Path(self.pretrained))
+            _check(found is None, f"{key}.pretrained", self.pretrained, found)
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an int >= 1")
         _check(self.hidden_size % self.num_attention_heads == 0, f"{key}.num_attention_heads", self.num_attention_heads,
@@ -292,6 +300,10 @@ class EstimateConfig:
         for i, m in enumerate(self.methods):
             _check(m in METHODS, f"{key}.methods[{i}]", m, "one of " + ", ".join(METHODS))
         _check(self.default in self.methods, f"{key}.default", self.default, f"one of {key}.methods")
+        # The applications read per-batch and per-domain losses from the default's estimated parameters.
+        _check(METHODS[self.default].estimates_parameters, f"{key}.default", self.default,
+               "a method that estimates parameters: " + ", ".join(m for m in self.methods
+                                                                   if METHODS[m].estimates_parameters))
         _check(self.k is None or self.k >= 1, f"{key}.k", self.k, "null or an int >= 1")
         _check(self.bootstrap >= 10, f"{key}.bootstrap", self.bootstrap, "an int >= 10")
         _check(self.replay_orders >= 2, f"{key}.replay_orders", self.replay_orders, "an int >= 2")
@@ -315,7 +327,8 @@ class SweepConfig:
     n_random: int = 12
     structured: list[Literal["reversed", "domain_blocks", "easy_to_hard", "hard_to_easy"]] = field(
         default_factory=lambda: ["reversed", "easy_to_hard", "hard_to_easy"])
-    methods: list[str] = field(default_factory=lambda: ["naive", "fut:secant", "fut-state:eig", "fut-subspace"])
+    methods: list[str] = field(default_factory=lambda: ["naive", "fut:secant", "fut-state:eig", "fut-subspace",
+                                                         "fut-subspace:exact"])
     jobs: int = 2                    # points run in parallel, one process each
 
     def validate(self, key: str) -> None:

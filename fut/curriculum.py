@@ -8,9 +8,9 @@ interleavings (domains round-robin, each domain's batches easy→hard or hard→
 Searches, both seeded with the proposals' estimates and given the same number of estimator calls:
 - `genetic`, the paper's choice: a generational GA over permutations (elitism, tournament selection, order
   crossover, swap mutation);
-- `assignment`, a model-based search: an additive position model, loss ≈ c + Σ_t W[σ(t), t], fitted by
-  ridge regression to every order it has scored, proposes its exact minimiser (a linear assignment problem)
-  and minimisers of noisy copies of W.
+- `assignment`, a model-based search: the additive position model of fut/surrogate.py, loss ≈ c + Σ_t W[σ(t), t],
+  refitted to every order it has scored, proposes its exact minimiser (a linear assignment problem) and
+  minimisers of noisy copies of W.
 Each generation of every search is estimated in one batched call, so the cache is read once per generation.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
+from . import surrogate
 from .applications import estimated_readouts, truth_for
 from .config import Params
 from .costs import fair_retrain_seconds, measured
@@ -117,31 +117,6 @@ class Genetic:
         self.population = sorted(survivors, key=lambda x: _key(x[1]))
 
 
-def fit_position_model(orders: Sequence[Sequence[int]], losses: Sequence[float], ridge: float = 1.0) -> np.ndarray:
-    """W [T, T] of the additive model loss ≈ mean + Σ_t W[σ(t), t] (batch j at position t), ridge regression
-    on one-hot placements, solved in its n×n dual: two orders' kernel is the number of placements they share."""
-    S = np.asarray(orders)
-    y = np.asarray(losses, dtype=float)
-    ok = np.isfinite(y)
-    S, y = S[ok], y[ok] - y[ok].mean()
-    n, T = S.shape
-    K = (S[:, None, :] == S[None, :, :]).sum(-1).astype(float)
-    alpha = np.linalg.solve(K + ridge * np.eye(n), y)
-    W = np.zeros((T, T))
-    for i in range(n):
-        W[S[i], np.arange(T)] += alpha[i]
-    return W
-
-
-def minimiser(W: np.ndarray) -> list[int]:
-    """The order minimising Σ_t W[σ(t), t]."""
-    rows, cols = linear_sum_assignment(W)
-    order = [0] * len(cols)
-    for j, t in zip(rows, cols):
-        order[t] = int(j)
-    return order
-
-
 class Assignment:
     """Model-based search: the minimiser of the fitted position model, then minimisers of W plus Gaussian noise
     of growing scale (relative to W's spread) until the call has its quota of new orders."""
@@ -153,13 +128,13 @@ class Assignment:
         self.scored = dict(scored)
 
     def ask(self) -> list[list[int]]:
-        W = fit_position_model(list(self.scored), list(self.scored.values()))
-        spread = W.std() or 1.0
+        model = surrogate.fit(list(self.scored), list(self.scored.values()))
+        spread = model.W.std() or 1.0
         out, level = [], 0.0
         for _ in range(MAX_TRIES):
             if len(out) == self.quota:
                 break
-            order = minimiser(W + level * spread * self.rng.standard_normal(W.shape))
+            order = model.minimiser(level * spread * self.rng.standard_normal(model.W.shape))
             if tuple(order) not in self.scored and order not in out:
                 out.append(order)
             level += 0.25

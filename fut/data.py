@@ -1,4 +1,5 @@
-"""Tokenizer training, packing into fixed-length sequences, and the splits every stage reads.
+"""Tokenizer training (or a pretrained model's own tokenizer), packing into fixed-length sequences, and the splits
+every stage reads.
 
 Splits (per domain, from a seeded shuffle of that domain's sequences): an eval set, the window pool and the
 warm-start pool, disjoint. The window is T batches of b sequences; with `window.batches: domain` batch j is
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import pretrained
 from .config import SPECIAL_TOKENS, ConfigError, Params
 from .storage import load_tensors, save_tensors, versions
 
@@ -23,9 +25,13 @@ PREPARE_SECTIONS = ("corpus", "tokenizer", "data")
 
 
 def prepare_hash(params: Params) -> str:
-    """Provenance of the prepared data: corpus, tokenizer and data sections plus the window's shape."""
+    """Provenance of the prepared data: corpus, tokenizer and data sections plus the window's shape, and a
+    pretrained checkpoint's tokenizer and config by their contents."""
     w = params.window
-    return params.section_hash(*PREPARE_SECTIONS) + f"-T{w.steps}-b{w.batch_size}-{w.batches}-s{w.seed}"
+    own = params.section_hash(*PREPARE_SECTIONS) + f"-T{w.steps}-b{w.batch_size}-{w.batches}-s{w.seed}"
+    if params.model.pretrained is None:
+        return own
+    return own + "-" + pretrained.digest(Path(params.model.pretrained), weights=False)
 
 
 def train_tokenizer(domain_files: dict[str, Path], vocab_size: int, min_frequency: int, out_dir: Path):
@@ -38,6 +44,28 @@ def train_tokenizer(domain_files: dict[str, Path], vocab_size: int, min_frequenc
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS)
     tok.save_pretrained(str(out_dir))
     return tok
+
+
+def checkpoint_tokenizer(checkpoint: Path, out_dir: Path):
+    """A pretrained model's own tokenizer, saved where a trained one goes: every later stage reads it alike."""
+    tok = pretrained.load_tokenizer(checkpoint)
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def embedding_rows(params: Params, tokenizer) -> int:
+    """Rows of the model's input embedding: the trained tokenizer's size, or the pretrained model's own."""
+    if params.model.pretrained is None:
+        return len(tokenizer)
+    return pretrained.vocab_rows(Path(params.model.pretrained))
+
+
+def check_token_ids(packed: dict[str, torch.Tensor], vocab: int, params: Params) -> None:
+    """A pretrained tokenizer may know tokens the model has no embedding row for."""
+    top = max((int(seqs.max()) for seqs in packed.values() if seqs.numel()), default=-1)
+    if top >= vocab:
+        raise ConfigError(f"params: model.pretrained = {params.model.pretrained!r} is not allowed; expected a "
+                          f"tokenizer whose ids fit the model's {vocab} embedding rows, but the text has id {top}")
 
 
 def load_tokenizer(path: Path):
@@ -126,11 +154,11 @@ class Prepared:
 
 
 def write_prepared(out_dir: Path, tensors: dict[str, torch.Tensor], domains: list[str], plan: list[int],
-                   tokenizer, params: Params) -> None:
+                   tokenizer, vocab: int, params: Params) -> None:
     tok_json = (out_dir / TOKENIZER_DIR / "tokenizer.json").read_bytes()
     save_tensors(out_dir / SPLITS_FILE, tensors, {
         "prepare_hash": prepare_hash(params), "domains": domains, "window_domains": plan,
-        "vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id,
+        "vocab_size": vocab, "eos_id": tokenizer.eos_token_id,
         "tokenizer_sha256": hashlib.sha256(tok_json).hexdigest(), "versions": versions()})
 
 

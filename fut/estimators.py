@@ -54,6 +54,8 @@ class Estimate:
     # Per order, the first window step t whose δ_t (or, as step T, the readout) held NaN or inf; None: finite.
     # A diverged estimate is reported as such (nulls in the metrics), never propagated as a number.
     non_finite_step: list[int | None]
+    # fut-subspace: per order, what says how far to trust it (Subspace.indicators); None for other methods.
+    indicators: dict[str, list[float]] | None = None
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -225,6 +227,33 @@ def replay(ctx: EstimationContext, sigma: torch.Tensor, state: str, curvature: s
     return delta
 
 
+def secant_raw_gain(ctx: EstimationContext, coordinates: int = 20_000, seed: int = 0) -> dict:
+    """Why the paper's literal secant fails: with J = ΔΓ/Δθ elementwise, each step multiplies every coordinate of δ
+    by (1 − η_t J). The distribution of η_t J over every (checkpoint t, batch j) on a seeded sample of
+    coordinates: its quantiles, the share of factors |1 − η J| > 1 (the step amplifies δ there) and > 10, and for
+    each coordinate the product of |1 − η_t J_{t,j}| along the window for a random batch per step."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(ctx.layout.dim, generator=gen)[:coordinates].to(ctx.device)
+    values, log_gain = [], torch.zeros(len(idx), device=ctx.device, dtype=torch.float64)
+    for t in range(ctx.T):
+        theta, m, v, step = ctx.flat_state(t)
+        theta_next = ctx.flat_state(t + 1)[0]
+        gam = update_term(theta, _clip(ctx.grads(t), ctx.hp), m, v, step + 1, ctx.hp)[0][:, idx]
+        nxt = update_term(theta_next, _clip(ctx.grads(t + 1), ctx.hp), m, v, step + 1, ctx.hp)[0][:, idx]
+        eta_j = ctx.lrs[t] * _safe_div(nxt - gam, (theta_next - theta)[idx])          # [T batches, coordinates]
+        values.append(eta_j.flatten().cpu())
+        pick = torch.randint(ctx.T, (len(idx),), generator=gen).to(ctx.device)
+        log_gain += (1 - eta_j[pick, torch.arange(len(idx), device=ctx.device)]).abs().double().clamp_min(1e-300).log()
+    x = torch.cat(values).double()
+    q = (0.01, 0.25, 0.5, 0.75, 0.99, 0.999)
+    sample = x[torch.randperm(len(x), generator=gen)[:1_000_000]]
+    return {"coordinates": len(idx), "factors": len(x),
+            "eta_j_quantiles": dict(zip(map(str, q), torch.quantile(sample, torch.tensor(q, dtype=x.dtype)).tolist())),
+            "share_amplifying": float(((1 - x).abs() > 1).double().mean()),
+            "share_factor_above_10": float(((1 - x).abs() > 10).double().mean()),
+            "window_gain_quantiles": dict(zip(map(str, q), torch.quantile(log_gain.cpu(), torch.tensor(q, dtype=torch.float64)).exp().tolist()))}
+
+
 def tracin(ctx: EstimationContext, sigma: torch.Tensor, kind: str, k: int | None) -> torch.Tensor:
     """Direct estimate of the eval loss: L_E(θ_T) + Σ_t score_t(σ(t)) − score_t(t)."""
     total = torch.zeros(sigma.shape[0], dtype=torch.float64)
@@ -330,10 +359,12 @@ def estimate(ctx: EstimationContext, orders: Sequence[Sequence[int]], method: st
     sigma = torch.tensor([validate_order(o, ctx.T, permutation=False) for o in orders], dtype=torch.long)
     start = time.perf_counter()
     bad_step: list[int | None] = [None] * len(sigma)
+    indicators = None
     if method == "naive":
         losses, deviations = torch.full((len(sigma),), ctx.naive_loss), None
     elif method.startswith("fut-subspace"):
         S = ctx.subspace.replay(sigma)
+        indicators = {k: v.tolist() for k, v in ctx.subspace.indicators(S, ctx.naive_loss).items()}
         if m.readout == "quadratic":
             losses, deviations = ctx.subspace.quadratic(S, ctx.naive_loss).float(), None
         else:
@@ -362,7 +393,7 @@ def estimate(ctx: EstimationContext, orders: Sequence[Sequence[int]], method: st
     if steps:
         log.warning("%s: %d of %d orders went non-finite (NaN or inf), the first at window step %d; they are "
                     "reported as diverged", method, len(steps), len(sigma), min(steps))
-    return Estimate(method, losses, deviations, seconds, bad_step)
+    return Estimate(method, losses, deviations, seconds, bad_step, indicators)
 
 
 def _non_finite_rows(x: torch.Tensor) -> torch.Tensor:

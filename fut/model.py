@@ -1,10 +1,14 @@
-"""The LLaMA-style causal LM, built from params with a seeded random init (nothing is downloaded)."""
+"""The causal LM: a LLaMA-style model built from params with a seeded random init, or the user's own checkpoint
+(`model.pretrained`, fut/pretrained.py). Nothing is downloaded."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .config import ModelConfig
+from . import pretrained
+from .config import ConfigError, ModelConfig
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int = 0) -> LlamaConfig:
@@ -20,16 +24,41 @@ def llama_config(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int = 
         attn_implementation="eager")
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int = 0) -> LlamaForCausalLM:
-    """Seeded init that leaves the caller's global RNG untouched."""
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int = 0) -> torch.nn.Module:
+    """The pretrained checkpoint's model, or a seeded init that leaves the caller's global RNG untouched."""
+    if cfg.pretrained is not None:
+        return pretrained_model(cfg, seq_len)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         model = LlamaForCausalLM(llama_config(cfg, vocab_size, seq_len, eos_id))
     return model.float()
 
 
+def check_seq_len(cfg: ModelConfig, seq_len: int) -> None:
+    """A pretrained model's positions bound the sequence length."""
+    limit = pretrained.max_positions(Path(cfg.pretrained))
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"params: data.seq_len = {seq_len} is not allowed; expected an int <= {limit}, the "
+                          f"max_position_embeddings of model.pretrained = {cfg.pretrained!r}")
+
+
+def pretrained_model(cfg: ModelConfig, seq_len: int) -> torch.nn.Module:
+    """The checkpoint exactly as stored: refused if any of its parameters would start random."""
+    check_seq_len(cfg, seq_len)
+    model, missing = pretrained.load_model(Path(cfg.pretrained))
+    if missing:
+        raise ConfigError(f"params: model.pretrained = {cfg.pretrained!r} is not allowed; expected weights for "
+                          f"every parameter, but its safetensors lack {', '.join(missing[:3])}"
+                          + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                          + " (they would start random)")
+    return model
+
+
 def count_parameters(cfg: ModelConfig, vocab_size: int, seq_len: int) -> int:
-    """Parameter count without allocating: the model is built on the meta device."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(cfg, vocab_size, seq_len))
+    """Parameter count without allocating: the model is built on the meta device (tied weights count once)."""
+    if cfg.pretrained is not None:
+        model = pretrained.meta_model(Path(cfg.pretrained))
+    else:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(llama_config(cfg, vocab_size, seq_len))
     return sum(p.numel() for p in model.parameters())

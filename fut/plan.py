@@ -4,7 +4,7 @@ Counts are exact (they follow from the params): the files and bytes the cache wi
 evaluations of its pairs, own gradients and eval gradients, and the Hessian-vector products of its Lanczos
 runs. The time is an estimate: one gradient and one Hessian-vector product of this model are timed on random
 tokens of the window batch's shape, on this machine's device, and scaled by those counts (the projection and
-checkpoint reads, about a fifth more, are not counted); divided over `cache.workers` ranks.
+checkpoint reads, about a fifth more, are not counted); divided over `parallel.workers` ranks.
 """
 from __future__ import annotations
 

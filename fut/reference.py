@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import pretrained
 from .adam import AdamHyper
 from .config import Params
 from .curvature import LossFunction
@@ -33,7 +34,11 @@ REFERENCE_SECTIONS = ("model", "optimizer", "warmstart", "window", "train")
 
 
 def reference_hash(params: Params, prepared: Prepared) -> str:
-    return prepared.prepare_hash + "/" + params.section_hash(*REFERENCE_SECTIONS)
+    """Provenance of the reference run: its prepared data and params, and a pretrained checkpoint by content."""
+    own = prepared.prepare_hash + "/" + params.section_hash(*REFERENCE_SECTIONS)
+    if params.model.pretrained is None:
+        return own
+    return own + "-" + pretrained.digest(Path(params.model.pretrained))
 
 
 def checkpoint_path(ref_dir: Path, t: int) -> Path:

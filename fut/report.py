@@ -9,7 +9,6 @@ still listed, under "Other figures", so the report never hides one.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import subprocess
 from pathlib import Path
@@ -163,6 +162,14 @@ def ablations(m: dict) -> tuple[str, list[str]]:
             lines += ["", f"*{knob}* (`{block['param']}`, one whole run per value, every retrained order scored)", ""]
             lines += table(rows, ["value", "method", "family", "R²", "Spearman", "bias PPL", "mean abs ΔPPL",
                                   "true PPL std of the run"])
+    if m.get("secant_raw"):
+        g = m["secant_raw"]
+        lines += ["", f"*Why `fut:secant-raw` diverges*: η_t·J of the paper's elementwise secant J = ΔΓ/Δθ over every "
+                  f"checkpoint and batch ({g['factors']} factors on {g['coordinates']} sampled coordinates). Each step "
+                  f"multiplies δ by (1 − η J): the factor exceeds 1 in magnitude for {fmt(g['share_amplifying'])} of them "
+                  f"and 10 for {fmt(g['share_factor_above_10'])}.", ""]
+        lines += table([[q, g["eta_j_quantiles"][q], g["window_gain_quantiles"][q]] for q in g["eta_j_quantiles"]],
+                       ["quantile", "η·J", "Π_t |1 − η_t J| over the window (a random batch per step)"])
     if m.get("sweep_stale_points"):
         lines += ["", f"Sweep points computed with other params, left out: {', '.join(m['sweep_stale_points'])}."]
     return (f"Ablations on the {m.get('n_orders')} dev orders (the test orders are the final table's): what one "
@@ -243,6 +250,25 @@ def domain_order(m: dict) -> tuple[str, list[str]]:
     return caption, lines
 
 
+def error_proxy(m: dict) -> tuple[str, list[str]]:
+    rho = m.get("spearman_with_true_error") or {}
+    lines = table([[k, v] for k, v in rho.items()], ["indicator", "Spearman with |true error| (all runs pooled)"])
+    if m.get("test_only"):
+        lines += ["", "On the default run's test orders alone: "
+                  + ", ".join(f"{k} {fmt(v)}" for k, v in m["test_only"].items()) + "."]
+    rows = [["default (test orders)", fmt(m["default_run"].get("predicted_r2")), "–",
+             m["default_run"].get("flagged")]] if m.get("default_run") else []
+    rows += [[p, v.get("predicted_r2"), v.get("r2_order_effect"), v.get("flagged")]
+             for p, v in (m.get("points") or {}).items()]
+    lines += ["", *table(rows, ["run", "R² predicted by the indicators", "true R² vs naive", "flagged"])]
+    missed = sorted(set(m.get("failing") or []) - set(m.get("flagged") or []))
+    lines += ["", f"Failing sweep points (true R² < 0.5): {', '.join(m.get('failing') or []) or 'none'}; flagged: "
+              f"{', '.join(m.get('flagged') or []) or 'none'}; failing but not flagged: {', '.join(missed) or 'none'}."]
+    return (f"When not to trust `{m.get('method')}`: its per-order error indicator against the true absolute error "
+            f"over {m.get('n_orders')} orders of {m.get('n_runs')} runs (the default run's test orders and every sweep "
+            "point's), and each run's verdict; the indicator's scale was set on the dev orders.", lines)
+
+
 # (section title, metrics file, renderer, figures with captions)
 SECTIONS: list[tuple[str, str, Callable[[dict], tuple[str, list[str]]], dict[str, str]]] = [
     ("Corpus", "prepare.json", corpus, {
@@ -265,6 +291,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict], tuple[str, list[str]]], dict[str
                      "fut-subspace's readout and pair checkpoints, and the Adam state × curvature change; values "
                      "below -1 are marked with their value.",
         "ablations_sweep": "Estimator accuracy as the knobs that change the reference run vary (one run each)."}),
+    ("Error indicator", "error_proxy.json", error_proxy, {}),
     ("Curriculum", "curriculum.json", curriculum, {
         "curriculum_search": "Search progress: best estimated PPL so far per estimator call, each search; "
                              "crosses: true PPL of the verified candidates; band: random orders' true PPL.",
@@ -306,10 +333,14 @@ def summary(reports: Path, params_file: Path) -> dict:
         out["default_method"] = d
         out["test"] = {f: {**{k: fams[f][d].get(k) for k in HEADLINE}, "naive_absdiff_ppl": fams[f]["naive"]["absdiff_ppl"]
                            if "naive" in fams[f] else None} for f in FAMILY_ORDER if d in fams.get(f, {})}
-        out.update({k: e.get(k) for k in ("speedup_per_order", "break_even_orders", "retrain_seconds_per_order",
+        out.update({k: e.get(k) for k in ("params_hash", "speedup_per_order", "break_even_orders", "retrain_seconds_per_order",
                                           "default_seconds_per_order", "measured_at")})
         out["from_scratch_1000_speedup"] = (e.get("from_scratch") or {}).get("1000", {}).get("speedup")
-        out["orders_per_second"] = (e.get("surrogate") or {}).get("orders_per_second")
+        sur = e.get("surrogate") or {}
+        out["surrogate_orders_per_second"] = sur.get("orders_per_second")
+        out["estimator_orders_per_second"] = sur.get("estimator_orders_per_second")
+        out["surrogate_random_r2"] = ((sur.get("families") or {}).get("random") or {}).get("surrogate", {}).get(
+            "r2_order_effect")
     if (metrics / "curriculum.json").is_file():
         c = read_json(metrics / "curriculum.json")
         out["curriculum_gain_vs_random_ppl"] = c.get("gain_vs_random_ppl")
@@ -317,8 +348,6 @@ def summary(reports: Path, params_file: Path) -> dict:
     if (metrics / "reference.json").is_file():
         out["device"] = read_json(metrics / "reference.json").get("device")
     out["commit"] = _commit(Path(params_file).resolve().parent)
-    out["params_sha256"] = hashlib.sha256(Path(params_file).read_bytes()).hexdigest()[:12] \
-        if Path(params_file).is_file() else None
     return out
 
 
@@ -336,9 +365,11 @@ def summary_lines(s: dict) -> list[str]:
             f"Per order it takes {fmt(s.get('default_seconds_per_order'))} s end to end against a retrain of "
             f"{fmt(s.get('retrain_seconds_per_order'))} s ({fmt(s.get('speedup_per_order'))}× faster); its one-time cache "
             f"breaks even after {fmt(s.get('break_even_orders'))} orders, and scoring 1,000 orders from scratch is "
-            f"{fmt(scratch)}× faster than retraining them; one batched call scores {fmt(s.get('orders_per_second'))} "
-            "orders per second.", "",
-            f"Provenance: commit `{s['commit']}`, params.yaml sha256 `{s['params_sha256']}`, device `{s.get('device')}`, "
+            f"{fmt(scratch)}× faster than retraining them. In one batched call it scores "
+            f"{fmt(s.get('estimator_orders_per_second'))} orders per second; its additive surrogate for searches scores "
+            f"{fmt(s.get('surrogate_orders_per_second'))} per second with R² {fmt(s.get('surrogate_random_r2'))} on the "
+            "test random orders.", "",
+            f"Provenance: commit `{s['commit']}`, hash of the params the estimates depend on `{s.get('params_hash')}`, device `{s.get('device')}`, "
             f"estimated at {s.get('measured_at')}.", ""]
 
 

@@ -111,9 +111,11 @@ TENSORS_KEY = "tensors"
 
 # What each provenance key stands for, to name what differs when an artefact is refused.
 PROVENANCE = {
-    "prepare_hash": "prepared data: corpus, tokenizer and data params, window shape",
+    "format": "file format (written by an older version of fut)",
+    "prepare_hash": "prepared data: corpus, tokenizer and data params, window shape, a pretrained model's tokenizer",
     "tokenizer_sha256": "tokenizer",
-    "reference_hash": "reference run: its prepared data and model, optimizer, warmstart, window, train params",
+    "reference_hash": ("reference run: its prepared data, a pretrained model's weights and model, optimizer, "
+                       "warmstart, window, train params"),
     "trajectory_sha256": "reference trajectory: the stored values of θ_T, m_T, v_T",
     "cache_params": "cache params",
     "projector": "projection",

@@ -49,6 +49,7 @@ class SubspaceSources:
     chunk: int                                       # columns read at once
     theta: Callable[[int], torch.Tensor]             # θ_t of the reference run
     precond: torch.Tensor                            # P̄ [d]
+    precond_drift: float                             # max over steps of the median |P_t / P̄ − 1| (frozen v)
     eval_grad: torch.Tensor                          # ∇L_E(θ_T) [d]
     lrs: list[float]
     adam_steps: list[int]                            # the optimizer's step count after window step t
@@ -83,6 +84,10 @@ class Subspace:
     b: torch.Tensor                      # [T]
     beta1: float
     readout_coef: torch.Tensor           # [n_groups + 1]: c_g per group, then κ (quadratic readout)
+    precond_drift: float                 # max over steps of the median |P_t / P̄ − 1|: how stale the frozen v is
+    # Median over the probe orders of |estimate − estimate without the pairs at T| / |estimate − L_T|: how much
+    # the estimates lean on the straight-line-plus-curvature model of each gradient's path (0: not measured).
+    knot_disagreement: float = 0.0
 
     @property
     def dim(self) -> int:
@@ -105,10 +110,12 @@ class Subspace:
         return cls(gram=t["gram"], forcing=t["forcing"], eig_keys=[tuple(k) for k in meta["eig_keys"]],
                    eig_offsets=t["eig_offsets"].tolist(), eig_values=[t[f"eig_values.{i}"] for i in range(n_blocks)],
                    batch_group=t["batch_group"].tolist(), group_names=meta["group_names"], step_block=t["step_block"],
-                   lin=t["lin"], a=t["a"], b=t["b"], beta1=meta["beta1"], readout_coef=t["readout_coef"])
+                   lin=t["lin"], a=t["a"], b=t["b"], beta1=meta["beta1"], readout_coef=t["readout_coef"],
+                   precond_drift=meta["precond_drift"], knot_disagreement=meta["knot_disagreement"])
 
     def metadata(self) -> dict:
-        return {"eig_keys": [list(k) for k in self.eig_keys], "group_names": self.group_names, "beta1": self.beta1}
+        return {"eig_keys": [list(k) for k in self.eig_keys], "group_names": self.group_names, "beta1": self.beta1,
+                "precond_drift": self.precond_drift, "knot_disagreement": self.knot_disagreement}
 
     # --- the replay -------------------------------------------------------------------------------------
 
@@ -117,14 +124,15 @@ class Subspace:
         vals = self.eig_values[block]
         return slice(lo, lo + len(vals)), vals
 
-    def replay(self, sigma: torch.Tensor, steps: int | None = None) -> torch.Tensor:
-        """Coefficients s of δ_steps = P̄ Bᵀ s for each order (rows of σ [n, T]) [n, N], float64. The recursion
-        runs in float32 (measured: 3e-7 relative to float64), orders grouped by the curvature group of their
-        batch at each step, so each group's eigenspace block is one matrix product."""
+    def replay(self, sigma: torch.Tensor, steps: int | None = None, rank: int | None = None) -> torch.Tensor:
+        """Coefficients s of δ_steps = P̄ Bᵀ s for each order (rows of σ [n, T]) [n, N], float64, with the top
+        `rank` eigenpairs of each eigenspace (default all). The recursion runs in float32 (measured: 3e-7 relative
+        to float64), orders grouped by the curvature group of their batch at each step, so each group's
+        eigenspace block is one matrix product."""
         steps = self.steps if steps is None else steps
         n, dt = sigma.shape[0], torch.float32
         gram, forcing = self.gram.to(dt), self.forcing.to(dt)
-        blocks = [(cols, vals.to(dt), gram[cols].t().contiguous())
+        blocks = [(cols, vals.to(dt) * (torch.arange(len(vals)) < (rank or len(vals))), gram[cols].t().contiguous())
                   for cols, vals in (self._curvature_rows(b) for b in range(len(self.eig_values)))]
         groups = torch.tensor(self.batch_group)[sigma]                 # [n, T]
         S = torch.zeros(n, self.dim, dtype=dt)
@@ -157,6 +165,20 @@ class Subspace:
         """The calibrated quadratic readout of the eval loss [n] (float64)."""
         f = self.readout_features(S)
         return base_loss + f[:, 0] + f[:, 1:] @ self.readout_coef
+
+    def indicators(self, S: torch.Tensor, base_loss: float) -> dict[str, torch.Tensor]:
+        """What says how far to trust each order's estimate, without retraining (validated against the true error
+        in the estimate and ablations stages): `error_indicator_ppl`, the estimated order effect |PPL − PPL_T|
+        times the run's `knot_disagreement` (the estimate's error grows with the effect it estimates, and with
+        how much the replay's model of the gradients between cached points matters: the share of the effect that
+        changes when the pairs at T are left out and the gradient after each batch's own step is extrapolated with
+        the curvature instead); and `precond_drift`, how far Adam's preconditioner moves during the window (the
+        replay freezes it). The last two are the same for every order of a run."""
+        est = self.quadratic(S, base_loss).exp()
+        effect = (est - math.exp(base_loss)).abs()
+        return {"error_indicator_ppl": effect * self.knot_disagreement,
+                "knot_disagreement": torch.full_like(est, self.knot_disagreement),
+                "precond_drift": torch.full_like(est, self.precond_drift)}
 
 
 # --- building --------------------------------------------------------------------------------------------
@@ -211,25 +233,7 @@ def build_subspace(src: SubspaceSources, probe_readout: Callable[[torch.Tensor],
         return max((i for i, (c, gg) in enumerate(src.eigen_keys) if gg == g and c <= t),
                    key=lambda i: src.eigen_keys[i][0])
 
-    def knot_index(knot: tuple[str, int], j: int) -> int:
-        kind, idx = knot
-        return cks.index(idx) * T + j if kind == "pair" else layout[kind] + idx
-
-    forcing = torch.zeros(T, T, N, dtype=torch.float64)
-    for t in range(T):
-        for j in range(T):
-            if j == t:
-                continue
-            block = block_at(t, src.groups[j])
-            vals, p = src.eigen_values[block].double(), proj[block]
-            line = torch.zeros_like(p[:, 0])
-            for knot, w, at in interpolation(t, j, cks):
-                forcing[t, j, knot_index(knot, j)] += w
-                line += w * p[:, at]
-            lo = offsets[block]
-            forcing[t, j, lo: lo + len(vals)] += vals * (p[:, t] - line)     # H (θ_t − θ_lin(t))
-            forcing[t, j, layout["own"] + t] -= 1.0
-
+    forcing = _forcing(T, N, cks, cks, src.groups, layout, block_at, [v.double() for v in src.eigen_values], proj)
     bc2_mid = 1 - hp.beta2 ** src.adam_steps[T // 2]
     b = torch.tensor([src.lrs[t] / (1 - hp.beta1 ** src.adam_steps[t])
                       * math.sqrt((1 - hp.beta2 ** src.adam_steps[t]) / bc2_mid) for t in range(T)], dtype=torch.float64)
@@ -238,14 +242,45 @@ def build_subspace(src: SubspaceSources, probe_readout: Callable[[torch.Tensor],
                    eig_values=[v.double() for v in src.eigen_values],
                    batch_group=[group_names.index(g) for g in src.groups], group_names=group_names,
                    step_block=torch.tensor([[block_at(t, g) for g in group_names] for t in range(T)]),
-                   lin=lin, a=a, b=b, beta1=hp.beta1, readout_coef=torch.zeros(len(group_names) + 1, dtype=torch.float64))
+                   lin=lin, a=a, b=b, beta1=hp.beta1, readout_coef=torch.zeros(len(group_names) + 1, dtype=torch.float64),
+                   precond_drift=src.precond_drift)
     if probe_readout is not None and probes > 0:
         progress(f"subspace: quadratic readout fitted to the exact readout of {probes} probe orders")
         S = sub.replay(torch.tensor(probe_orders(T, src.groups, probes, seed)))
         exact = probe_readout(delta(S, src.rows, src.precond, src.dim, src.chunk)).double()
         f = sub.readout_features(S)
         sub.readout_coef = torch.linalg.lstsq(f[:, 1:], (exact - base_loss - f[:, 0])[:, None]).solution.flatten()
+    if T in cks and len(cks) > 1:
+        progress("subspace: knot disagreement (the estimate without the pairs at T) on the probe orders")
+        inner = [c for c in cks if c != T]
+        alt = type(sub)(**{**sub.__dict__, "forcing": _forcing(T, N, cks, inner, src.groups, layout, block_at,
+                                                                 sub.eig_values, proj)})
+        sigma = torch.tensor(probe_orders(T, src.groups, max(probes, 16), seed))
+        est, other = sub.quadratic(sub.replay(sigma), base_loss), sub.quadratic(alt.replay(sigma), base_loss)
+        sub.knot_disagreement = float(((est - other).abs() / (est - base_loss).abs().clamp_min(1e-12)).median())
     return sub
+
+
+def _forcing(T: int, N: int, cks: list[int], knot_checkpoints: list[int], groups: Sequence[str], layout: dict,
+             block_at: Callable[[int, str], int], eig_values: list[torch.Tensor], proj: list[torch.Tensor]
+             ) -> torch.Tensor:
+    """f_{t,j} in basis coefficients [T, T, N]: ĝ(θ_t, B_j) interpolated between its knots (pairs at
+    `knot_checkpoints` only, a subset of the basis's `cks`) plus H (θ_t − θ_lin(t)), minus the own gradient."""
+    forcing = torch.zeros(T, T, N, dtype=torch.float64)
+    for t in range(T):
+        for j in range(T):
+            if j == t:
+                continue
+            block = block_at(t, groups[j])
+            vals, p = eig_values[block], proj[block]
+            line = torch.zeros_like(p[:, 0])
+            for (kind, idx), w, at in interpolation(t, j, knot_checkpoints):
+                forcing[t, j, cks.index(idx) * T + j if kind == "pair" else layout[kind] + idx] += w
+                line += w * p[:, at]
+            lo = layout["eig"][block]
+            forcing[t, j, lo: lo + len(vals)] += vals * (p[:, t] - line)     # H (θ_t − θ_lin(t))
+            forcing[t, j, layout["own"] + t] -= 1.0
+    return forcing
 
 
 def delta(S: torch.Tensor, rows: Callable[[slice], torch.Tensor], precond: torch.Tensor, dim: int,

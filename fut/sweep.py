@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import copy
 import dataclasses
+import math
 import multiprocessing
 import shutil
 import statistics
@@ -57,14 +58,15 @@ def point_params(params: Params, overrides: dict[str, object], corpus_dir: Path)
                             test={**d["groundtruth"]["test"], "n_random": 0, "domain_blocks": 0, "difficulty": 0,
                                   "interleaved": 0})
     d["parallel"]["workers"] = 1
-    d["estimate"].update(methods=list(s.methods), default=s.methods[-1])
+    d["estimate"].update(methods=list(s.methods),
+                         default=params.estimate.default if params.estimate.default in s.methods else s.methods[-1])
     return config.from_dict(copy.deepcopy(d))
 
 
 # The sections a point's run reads (its own corpus section only names where the text was read from, which
 # differs between machines: the base run's corpus definition stands for it).
 POINT_SECTIONS = ("tokenizer", "data", "model", "optimizer", "warmstart", "window", "train", "groundtruth", "cache",
-                  "estimate", "sweep")
+                  "projection", "estimate")
 
 
 def point_key(point: Params, base: Params) -> str:
@@ -86,11 +88,15 @@ def run_point(params: Params, key: str, name: str, work_dir: Path, out_file: Pat
     named = protocol.scored({n: r["order"] for n, r in truth.items()})
     ctx = EstimationContext(ReferenceRun(params, dirs["prepared"], dirs["reference"]), dirs["cache"],
                             dirs["projection"])
-    estimates, seconds = {}, {}
+    estimates, seconds, trust = {}, {}, []
     for method in params.estimate.methods:
         est = estimators.estimate(ctx, list(named.values()), method)
         estimates[method] = dict(zip(named, est.eval_loss.double().tolist()))
         seconds[method] = est.seconds / len(named)
+        if method == params.estimate.default and est.indicators:
+            trust = [{"order": n, "est_ppl": math.exp(estimates[method][n]),
+                      "abs_error_ppl": abs(math.exp(estimates[method][n]) - truth[n]["eval_ppl"]),
+                      **{k: v[i] for k, v in est.indicators.items()}} for i, n in enumerate(named)]
     block = protocol.score_block(estimates, {n: truth[n]["eval_loss"] for n in named}, ctx.naive_loss,
                                  params.estimate.bootstrap, 0)
     methods = {m: {"families": {f: {k: v[m][k] for k in SUMMARY} for f, v in block["families"].items() if m in v},
@@ -106,6 +112,7 @@ def run_point(params: Params, key: str, name: str, work_dir: Path, out_file: Pat
         "retrain_seconds_per_order": statistics.fmean(truth[n]["seconds"] for n in named),
         "cache_seconds": cache["seconds"], "cache_seconds_per_gradient": cache["seconds_per_gradient"],
         "naive_eval_loss": ctx.naive_loss, "methods": methods, "seconds": time.perf_counter() - t0,
+        "default_method": params.estimate.default, "trust": trust,
     }
     atomic_write_json(out_file, summary)
     if not keep:   # the cache of one point is gigabytes; its summary is what the sweep keeps

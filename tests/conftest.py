@@ -9,7 +9,7 @@ import pytest
 from checks.runs import Run
 from checks.tiny import tiny_params, write_tiny_text
 from fut import config
-from fut.stages import cache, groundtruth, prepare, reference
+from fut.stages import cache, groundtruth, prepare, projection, reference
 from fut.storage import atomic_write_json, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,8 @@ def tiny_truth(tiny, tmp_path_factory):
     params, data_dir, ref_dir, _ = tiny
     root = tmp_path_factory.mktemp("tiny_truth")
     cache.run(params, data_dir, ref_dir, root / "cache")
+    atomic_write_json(root / "projection.json", projection.run(params, data_dir, ref_dir, root / "cache",
+                                                                root / "projection"))
     groundtruth.run(params, data_dir, ref_dir, root / "groundtruth")
     return params, data_dir, ref_dir, root / "cache", root / "groundtruth"
 
@@ -48,11 +50,12 @@ def tiny_run(tiny, tiny_truth) -> Run:
     recomputed from its stored results; only its noise floor retrains)."""
     params, data_dir, ref_dir, ref_metrics = tiny
     _, _, _, cache_dir, gt_dir = tiny_truth
-    run = Run(params, {"prepare": data_dir, "reference": ref_dir, "groundtruth": gt_dir,
-                       "cache": cache_dir, "estimate": data_dir.parent / "estimate"})
+    run = Run(params, {"prepare": data_dir, "reference": ref_dir, "groundtruth": gt_dir, "cache": cache_dir,
+                       "projection": cache_dir.parent / "projection", "estimate": data_dir.parent / "estimate"})
     run.metrics = {"prepare": read_json(data_dir.parent / "prepare.json"), "reference": ref_metrics,
                    "groundtruth": groundtruth.run(params, data_dir, ref_dir, gt_dir)[1],
-                   "cache": read_json(cache_dir / "stats.json")}
+                   "cache": read_json(cache_dir / "stats.json"),
+                   "projection": read_json(cache_dir.parent / "projection.json")}
     return run
 
 

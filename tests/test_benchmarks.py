@@ -1,4 +1,5 @@
-"""The GPU benchmark scripts run on the CPU in their tiny modes, as a lent GPU machine runs them at size."""
+"""The benchmark scripts run on the CPU in their tiny modes, as a lent GPU machine runs them at size; the ones that
+read `dvc repro`'s artefacts run on the tiny pipeline's."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,10 +13,9 @@ import yaml
 
 from checks.tiny import tiny_params
 from conftest import ROOT
-from fut import config
-from fut.cache import has_pairs
+from fut import config, protocol
 from fut.model import count_parameters
-from fut.pipeline import held_out
+from fut.orders import family
 
 
 def run_script(name: str, *args: str) -> str:
@@ -25,9 +25,19 @@ def run_script(name: str, *args: str) -> str:
     return done.stdout
 
 
+@pytest.fixture(scope="module")
+def artefacts(tiny_truth, tmp_path_factory) -> tuple[list[str], dict]:
+    """The tiny pipeline's artefacts as the benchmarks' options name them, and its dev ground truth."""
+    params, data_dir, ref_dir, cache_dir, gt_dir = tiny_truth
+    params_file = tmp_path_factory.mktemp("bench") / "params.yaml"
+    params_file.write_text(config.to_yaml(params))
+    return (["--params", str(params_file), "--data", str(data_dir), "--reference", str(ref_dir)],
+            {"cache": str(cache_dir), "groundtruth": str(gt_dir), "dev": protocol.dev_truth(gt_dir)})
+
+
 def test_gpu_profile_tiny_builds_a_cache_and_checks_estimates_against_retraining(tmp_path):
-    out = tmp_path / "gpu_profile.json"
-    printed = run_script("gpu_profile.py", "--tiny", "--workdir", str(tmp_path / "work"), "--out", str(out))
+    out, work = tmp_path / "gpu_profile.json", tmp_path / "work"
+    printed = run_script("gpu_profile.py", "--tiny", "--workdir", str(work), "--out", str(out))
     r = json.loads(out.read_text())
     params = config.from_dict(r["run_params"])
     profile = yaml.safe_load((ROOT / "profiles/gpu-200m.yaml").read_text())
@@ -36,13 +46,14 @@ def test_gpu_profile_tiny_builds_a_cache_and_checks_estimates_against_retraining
     # The profile's cache layout, at a stride that leaves checkpoints without pairs.
     assert (r["cache_dtype"], params.cache.curvature) == (profile["cache"]["dtype"], profile["cache"]["curvature"])
     assert 1 < r["checkpoint_stride"] < T
-    assert r["pairs"] == sum(T if has_pairs(params, t) else int(t < T) for t in range(T + 1))
+    assert r["gradients"] == r["expected_gradients"] and r["gradients"] < T * (T + 1)
     assert r["plan_bytes"] == r["actual_tensor_bytes"]
-    assert r["throughput_fraction_of_limit"] == r["pairs_per_second"] * r["train_step_seconds"]
+    assert r["throughput_fraction_of_limit"] == r["gradients_per_second"] * r["train_step_seconds"]
     assert r["identity_retrain_bitwise"] is True
-    # Every estimator of the profile was scored on the held-out half of the retrained orders.
+    # Every estimator of the profile was scored on every dev order (the test orders only by the estimate stage).
     assert sorted(r["methods"]) == sorted(profile["estimate"]["methods"])
-    assert r["orders_checked"] == len(held_out([f"o{i}" for i in range(r["ground_truth_orders"] - 1)], 0))
+    assert r["orders_checked"] == len(protocol.scored({n: x["order"] for n, x in
+                                                        protocol.dev_truth(work / "groundtruth").items()}))
     for method, score in r["methods"].items():
         assert score["identity_returns_reference"] is True, method
         assert score["n_non_finite"] == 0 and -1e9 < score["r2_order_effect"] <= 1, method
@@ -59,8 +70,12 @@ def test_gpu_step_costs_on_a_cpu_profile(tmp_path, text_dir):
     params = config.load(params_file)
     assert r["device"] == "cpu"
     assert r["n_params"] == count_parameters(params.model, params.tokenizer.vocab_size, params.data.seq_len)
-    assert [row["orders"] for row in r["replay"]] == [1, 3]
+    assert [row["orders"] for row in r["replay"]] == [1, 3] == [row["orders"] for row in r["subspace_replay"]]
     assert all(row["replay_step_seconds"] > 0 for row in r["replay"]) and r["train_step_seconds"] > 0
+    assert all(row["per_order_seconds"] > 0 for row in r["subspace_replay"])
+    # fut-subspace's basis: pairs at 0 and T, own and after-step gradients, one eigenspace per corpus domain.
+    T = params.window.steps
+    assert r["subspace_basis"] == 4 * T + len(params.corpus.sources) * params.cache.curvature_rank
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is of a machine without CUDA")
@@ -83,6 +98,91 @@ def test_gpu_profile_small_run_keeps_the_profile_layout_at_the_chosen_size():
         assert (p.window.steps, p.warmstart.steps, p.cache.checkpoint_stride) == (6, 200, 3)
         assert (p.cache.dtype, p.cache.curvature) == ("bfloat16", ["domain"])
         assert p.estimate.methods == yaml.safe_load(profile.read_text())["estimate"]["methods"]
+        assert p.parallel.workers == 1
     assert (at_gpu.train.precision, at_gpu.model.hidden_size) == ("bf16", 1024)
     assert at_cpu.model == config.from_dict(defaults).model and at_cpu.train.precision == defaults["train"]["precision"]
     assert at_cpu.window.batch_size == defaults["window"]["batch_size"]
+
+
+def test_curvature_library_tiny_compares_lanczos_with_curvlinops_on_the_dev_orders(tmp_path):
+    pytest.importorskip("curvlinops")
+    out = tmp_path / "curvature_library.json"
+    printed = run_script("curvature_library.py", "--tiny", "--out", str(out))
+    r = json.loads(out.read_text())
+    params = config.from_dict(tiny_params(tmp_path))
+    rank, groups = params.cache.curvature_rank, r["groups"]
+    assert r["mode"] == "tiny" and r["rank"] == rank and groups == ["domain0", "domain1"]
+    assert sorted(r["methods"]) == ["fut-lanczos", "hessian-eigsh", "kfac-eigsh", "none"]
+    lanczos = r["methods"]["fut-lanczos"]
+    # fut's own Lanczos is the cache's, step for step: the same eigenspaces and the same fut-subspace matrices.
+    assert lanczos["equals_cache"] is True and lanczos["matrices_equal_cache"] is True
+    assert lanczos["matvecs"] == len(groups) * params.cache.curvature_iterations
+    assert lanczos["eigenpairs"] == len(groups) * rank and lanczos["overlap_with_fut_lanczos"] == pytest.approx(1, abs=1e-4)
+    for m in ("hessian-eigsh", "kfac-eigsh"):
+        a = r["methods"][m]
+        assert a["matvecs"] >= len(groups) * r["arpack"]["ncv"] and a["seconds"] > 0
+        assert 0 <= a["eigenpairs"] <= len(groups) * rank
+    # Every eigenspace was judged on every dev order, and the basis holds what was kept of it.
+    T = params.window.steps
+    for m, a in r["methods"].items():
+        assert a["dev"]["all"]["n"] == r["dev_orders"] and a["dev"]["all"]["r2_order_effect"] is not None, m
+        assert a["basis_vectors"] == 4 * T + a.get("eigenpairs", 0), m
+        assert m in printed
+
+
+def test_estimator_speed_times_fut_subspace_and_the_replays_against_a_fair_retrain(artefacts, tmp_path):
+    common, a = artefacts
+    out = tmp_path / "speed.json"
+    printed = run_script("estimator_speed.py", *common, "--cache", a["cache"], "--groundtruth", a["groundtruth"],
+                         "--orders", "2", "--methods", "fut-subspace", "fut-subspace:exact", "fut-state:eig",
+                         "--out", str(out))
+    r = json.loads(out.read_text())
+    assert len(r["orders"]) == 2 and all(family(n) == "random" and n in a["dev"] for n in r["orders"])
+    assert [(x["method"], x["readout"]) for x in r["estimators"]] == [
+        ("fut-subspace", "quadratic"), ("fut-subspace:exact", "exact"), ("fut-state:eig", "exact"),
+        ("fut-state:eig", "linear")]
+    assert r["retrain_seconds_per_order"] > 0 and len(r["retrain_seconds_timed"]) == 2
+    assert all(x["speedup"] == pytest.approx(r["retrain_seconds_per_order"] / x["seconds_per_order"])
+               for x in r["estimators"])
+    assert r["cache"]["gradients_per_second"] > 0 and len(r["tokens_per_batch_scaling"]) == 3
+    assert "fut-subspace" in printed
+
+
+def test_curvature_batch_replays_with_the_hessian_of_each_batch_on_dev_orders(artefacts, tmp_path):
+    common, a = artefacts
+    out = tmp_path / "curvature_batch.json"
+    run_script("curvature_batch.py", *common, "--cache", a["cache"], "--groundtruth", a["groundtruth"],
+               "--orders", "4", "--variants", "hvp", "hvp-domain", "eig", "--out", str(out))
+    r = json.loads(out.read_text())
+    assert len(r["dev_orders"]) == 4 and all(n in a["dev"] for n in r["dev_orders"])
+    assert sum(family(n) == "random" for n in r["dev_orders"]) == 2
+    assert sorted(r["variants"]) == ["eig", "hvp", "hvp-domain"]
+    # The batch's own Hessian replays nearly exactly; the domain batch's is another Hessian (other estimates).
+    assert r["variants"]["hvp"]["families"]["all"]["r2_order_effect"] > 0.9
+    assert r["estimates"]["hvp"] != r["estimates"]["hvp-domain"]
+
+
+def test_cache_scale_rebuilds_in_one_process_projects_and_stores_bfloat16(artefacts, tmp_path):
+    common, a = artefacts
+    out = tmp_path / "scale.json"
+    run_script("cache_scale.py", *common, "--cache", a["cache"], "--groundtruth", a["groundtruth"],
+               "--workdir", str(tmp_path), "--out", str(out), "--metrics", str(tmp_path / "metrics.json"))
+    r = json.loads(out.read_text())
+    assert r == json.loads((tmp_path / "metrics.json").read_text())
+    assert r["workers_equivalence"] is True and r["plan_bytes"] == r["actual_tensor_bytes"]
+    assert r["projection_seconds"] > 0 and r["projector"]["k"] == config.load(common[1]).projection.k
+    assert sorted(r["dtype"]) == ["bfloat16", "float32"]
+    assert r["dtype"]["bfloat16"]["grad_bytes"] < r["dtype"]["float32"]["grad_bytes"]
+    assert sorted(r["bfloat16_max_abs_eval_loss_shift"]) == ["fut-subspace", "fut-subspace:exact"]
+    assert all(0 < shift < 1e-2 for shift in r["bfloat16_max_abs_eval_loss_shift"].values())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("fut-")]   # the temporary caches are gone
+
+
+def test_from_scratch_builds_the_default_methods_cache_and_scores_orders(artefacts, tmp_path):
+    common, a = artefacts
+    out = tmp_path / "from_scratch.json"
+    run_script("from_scratch.py", *common, "--pipeline-cache", a["cache"], "--orders", "2", "8", "--retrains", "1",
+               "--out", str(out))
+    r = json.loads(out.read_text())
+    assert r["subspace_equals_pipeline_cache"] is True
+    assert sorted(r["from_scratch"]) == ["2", "8"] and r["retrain_seconds_per_order"] > 0

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from checks.tiny import tiny_params
-from fut import pipeline
+from fut.stages import cache as cache_stage
 from fut.cli import main
 
 
@@ -21,7 +21,7 @@ def files(tiny, text_dir, tmp_path_factory):
     params, data_dir, ref_dir, _ = tiny
     root = tmp_path_factory.mktemp("cli")
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(text_dir)))
-    pipeline.cache(params, data_dir, ref_dir, root / "cache")
+    cache_stage.run(params, data_dir, ref_dir, root / "cache")
     (root / "identity.txt").write_text(",".join(map(str, range(params.window.steps))) + "\n")
     return SimpleNamespace(root=root, params=root / "params.yaml", data=data_dir, reference=ref_dir,
                            cache=root / "cache", orders=root / "identity.txt", T=params.window.steps)
@@ -39,6 +39,7 @@ def cli(files):
 
     return run, files.T
 
+@pytest.mark.slow
 
 def test_retrain_and_estimate_print_comparable_json(cli):
     run, T = cli
@@ -56,6 +57,7 @@ def test_retrain_and_estimate_print_comparable_json(cli):
     assert est[0]["eval_loss"] == pytest.approx(truth[0]["eval_loss"], abs=1e-6)   # identity: the reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text, needle", [
     ("0,1,2\n", "line 1: order has 3 entries; window.steps = 6"),
     ("0,1,2,3,4,9\n", "order[5] = 9 is not a batch index; allowed: integers 0..5"),
@@ -67,6 +69,7 @@ def test_invalid_orders_are_refused_before_any_work(cli, text, needle):
         proc = run(command, text)
         assert proc.returncode == 2 and needle in proc.stderr and proc.stdout == ""
 
+@pytest.mark.slow
 
 def test_unknown_method_is_refused_with_the_allowed_names(cli):
     run, T = cli
@@ -132,6 +135,7 @@ def test_data_or_reference_of_another_run_are_refused(files, tmp_path, capsys, s
     err = refusal(capsys, files, "retrain", params=edited_params(files, tmp_path, section, **values))
     assert folder in err and "was built for another run" in err and "Rebuild it (dvc repro)" in err
 
+@pytest.mark.slow
 
 def test_a_refusal_reaches_stderr_as_one_line_without_a_traceback(files, tmp_path):
     bad = tmp_path / "params.yaml"
@@ -149,17 +153,28 @@ def test_version_is_the_installed_one(capsys):
     assert done.value.code == 0 and capsys.readouterr().out == f"fut {metadata.version('fut')}\n"
 
 
-def test_help_lists_the_commands_with_their_help_and_defaults_but_not_the_internal_one(capsys):
+def test_help_lists_the_commands_with_their_help_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["-h"])
     out = capsys.readouterr().out
-    assert "retrain-job" not in out
     listed = [line.split() for line in out.splitlines()]
     for command in ("retrain", "estimate", "sweep", "plan", "cache"):
         assert any(words[:1] == [command] and len(words) > 1 for words in listed), command   # with its help
         with pytest.raises(SystemExit):
             main([command, "-h"])
         assert "(default: params.yaml)" in capsys.readouterr().out, command
-    with pytest.raises(SystemExit) as done:    # still callable, as torchrun launches it
-        main(["retrain-job", "-h"])
-    assert done.value.code == 0 and "python -m fut retrain-job" in capsys.readouterr().out
+
+
+def test_the_default_estimate_says_how_far_to_trust_it(files, capsys):
+    """`estimate` with the default method prints each order's estimate with its error indicators; the identity order
+    is the reference exactly, with nothing to distrust."""
+    reversed_order = ",".join(map(str, reversed(range(files.T))))
+    (files.root / "two.txt").write_text(f"{','.join(map(str, range(files.T)))}\n{reversed_order}\n")
+    args = ["estimate", "--orders", str(files.root / "two.txt"), "--params", str(files.params), "--data",
+            str(files.data), "--reference", str(files.reference), "--cache", str(files.cache)]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["method"] for o in out] == ["fut-subspace"] * 2
+    assert set(out[0]["trust"]) == {"error_indicator_ppl", "knot_disagreement", "precond_drift"}
+    assert out[0]["trust"]["error_indicator_ppl"] == 0.0
+    assert out[1]["trust"]["error_indicator_ppl"] > 0 and out[1]["eval_ppl"] != out[0]["eval_ppl"]

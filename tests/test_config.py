@@ -28,10 +28,17 @@ def test_default_params_load():
     (("groundtruth", "structured"), ["sideways"], "groundtruth.structured[0] = 'sideways'"),
     (("warmstart", "enabled"), "yes", "warmstart.enabled = 'yes'"),
     (("cache", "curvature"), ["domain", "domain"], "cache.curvature = ['domain', 'domain']"),
+    (("cache", "curvature"), ["window"], "estimate.methods[1] = 'fut-subspace'"),   # needs domain eigenspaces
     (("cache", "curvature"), ["per-token"], "cache.curvature[0] = 'per-token'"),
-    (("cache", "workers"), 0, "cache.workers = 0"),
+    (("parallel", "workers"), 0, "parallel.workers = 0"),
     (("cache", "checkpoint_stride"), 0, "cache.checkpoint_stride = 0"),
-    (("cache", "checkpoint_stride"), 2, "estimate.methods[1] = 'fut'"),   # the paper's method needs every checkpoint
+    (("cache", "checkpoint_stride"), 2, "estimate.methods[3] = 'fut:secant-raw'"),   # reads every checkpoint
+    (("cache", "curvature_checkpoints"), [3], "cache.curvature_checkpoints = [3]"),
+    (("cache", "subspace_stride"), 0, "cache.subspace_stride = 0"),
+    (("projection", "k"), 0, "projection.k = 0"),
+    (("estimate", "default"), "fut", "estimate.default = 'fut'"),
+    (("groundtruth", "trajectories"), -1, "groundtruth.trajectories = -1"),
+    (("curriculum", "finalists"), 0, "curriculum.finalists = 0"),
     (("curriculum", "population"), 1, "curriculum.population = 1"),
     (("curriculum", "elite"), 4, "curriculum.elite = 4"),
     (("curriculum", "mutation"), 1.5, "curriculum.mutation = 1.5"),
@@ -53,6 +60,15 @@ def test_bad_values_name_key_value_and_allowed(params_dict, path, value, needle)
     with pytest.raises(config.ConfigError) as err:
         config.from_dict(params_dict)
     assert needle in str(err.value) and "expected" in str(err.value)
+
+
+def test_the_default_method_must_estimate_parameters(params_dict):
+    """The applications read per-batch and per-domain losses from the default's parameters: an influence
+    method is refused as the default, naming the ones that qualify (from the method registry)."""
+    params_dict["estimate"]["default"] = "tracin"
+    with pytest.raises(config.ConfigError, match=r"estimate\.default = 'tracin'.*estimates parameters: naive, "
+                                                 r"fut-subspace"):
+        config.from_dict(params_dict)
 
 
 def test_a_method_needs_its_cached_eigenspaces(params_dict):

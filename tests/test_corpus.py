@@ -102,8 +102,8 @@ def test_prepared_data_round_trips_with_provenance(tiny, params_dict):
 def test_window_too_large_for_a_domain_is_refused(params_dict, tmp_path):
     params_dict["window"]["batch_size"] = 10_000
     params = config.from_dict(params_dict)
-    from fut import pipeline
+    from fut.stages import prepare
 
     with pytest.raises(config.ConfigError, match=r"window\.batch_size = 10000 with window\.steps = 6 needs"):
-        pipeline.prepare(params, tmp_path)
+        prepare.run(params, tmp_path)
     assert not (tmp_path / data.SPLITS_FILE).exists()

@@ -7,10 +7,11 @@ import dataclasses
 import pytest
 import torch
 
+from fut import protocol
 from fut.cache import MANIFEST, UpdateCache, build_cache
-from fut.data import load_prepared
 from fut.distributed import assign
 from fut.groundtruth import retrain_all
+from fut.reference import ReferenceRun
 from fut.storage import load_tensors, read_json
 
 
@@ -22,10 +23,11 @@ def test_assignment_covers_every_unit_once_and_balances_load(costs, world):
     assert max(loads) - min(loads) <= max(costs)   # longest-first greedy: no rank exceeds another by a unit
     assert assign(costs, world) == shares
 
+@pytest.mark.slow
 
 def test_two_ranks_build_the_cache_one_process_builds(tiny_truth, tmp_path):
     params, data_dir, ref_dir, one_dir, _ = tiny_truth
-    two = dataclasses.replace(params, cache=dataclasses.replace(params.cache, workers=2))
+    two = dataclasses.replace(params, parallel=dataclasses.replace(params.parallel, workers=2))
     built = build_cache(two, data_dir, ref_dir, tmp_path, progress=False)
     assert built["workers"] == 2 and built["files_reused"] == 0
     files = sorted(p.name for p in one_dir.glob("*.safetensors"))
@@ -36,16 +38,18 @@ def test_two_ranks_build_the_cache_one_process_builds(tiny_truth, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
         assert {k: v for k, v in meta_a.items() if k != "build"} == {k: v for k, v in meta_b.items() if k != "build"}
     assert read_json(tmp_path / MANIFEST)["files"] == read_json(one_dir / MANIFEST)["files"]
-    UpdateCache(params, load_prepared(data_dir, params), ref_dir, tmp_path)   # the one-worker params read it too
+    UpdateCache(ReferenceRun(params, data_dir, ref_dir), tmp_path)   # the one-worker params read it too
 
+@pytest.mark.slow
 
 def test_two_ranks_retrain_what_one_process_retrains(tiny_truth, tmp_path):
     params, data_dir, ref_dir, _, gt_dir = tiny_truth
-    assert params.groundtruth.workers == 1   # the stored truth was retrained in one process
-    stored = read_json(gt_dir / "results.json")
-    orders = {n: r["order"] for n, r in list(stored.items())[:3]}
-    results = retrain_all(params, orders, data_dir, ref_dir, tmp_path, workers=2,
-                          eval_every=params.groundtruth.eval_every, progress=False)
+    assert params.parallel.workers == 1   # the stored truth was retrained in one process
+    stored = protocol.dev_truth(gt_dir)
+    orders = {n: r["order"] for n, r in stored.items() if "trajectory" in r}
+    two = dataclasses.replace(params, parallel=dataclasses.replace(params.parallel, workers=2))
+    results = retrain_all(two, orders, data_dir, ref_dir, tmp_path, ("trajectory",), params.groundtruth.eval_every,
+                          progress=False)
     for name in orders:
         assert results[name]["eval_loss"] == stored[name]["eval_loss"]
-        assert results[name]["batch_losses"] == stored[name]["batch_losses"]
+        assert results[name]["trajectory"] == stored[name]["trajectory"]

@@ -4,16 +4,18 @@ every stage compared with the first, bit for bit."""
 import pytest
 import torch
 
-from checks.faults import FAULTS
+from checks.faults import FAULTS, Kill
 from checks.runs import folder_differences, full_run, run_differences, run_stage
 from fut.storage import atomic_write_json, save_tensors
 
 
-@pytest.mark.parametrize("scenario", FAULTS, ids=lambda s: s.name)
+@pytest.mark.parametrize("scenario", [pytest.param(s, marks=pytest.mark.slow) if isinstance(s, Kill) else s
+                                      for s in FAULTS], ids=lambda s: s.name)
 def test_fault_scenario(scenario, tiny_run, tmp_path):
     result = scenario.run(tiny_run, tmp_path)
     assert result.passed, result.detail
 
+@pytest.mark.slow
 
 def test_a_second_run_of_every_stage_is_bit_identical(tiny_run, tmp_path):
     run_stage(tiny_run, "estimate")

@@ -9,6 +9,7 @@ import torch
 from fut import config
 from fut.estimators import EstimationContext
 from fut.groundtruth import Oracle
+from fut.reference import ReferenceRun
 from fut.memorization import (memorization, pick_batches, placement_order, readout_sets, spread,
                               tfidf_similarity)
 from fut.storage import atomic_write_json
@@ -65,7 +66,7 @@ def test_readout_groups_split_the_eval_set(tiny):
 def test_memorization_stage_on_the_tiny_run(tiny_truth, tmp_path, params_dict):
     _, data_dir, ref_dir, cache_dir, gt_dir = tiny_truth
     params_dict["memorization"].update(base_order="identity", batches=3, positions=None, true_positions=2,
-                                       methods=["fut", "fut++"])
+                                       methods=["fut:secant", "fut-state:eig"])
     params = config.from_dict(params_dict)
     T = params.window.steps
     details, metrics = memorization(params, data_dir, ref_dir, cache_dir, gt_dir, tmp_path)
@@ -77,23 +78,24 @@ def test_memorization_stage_on_the_tiny_run(tiny_truth, tmp_path, params_dict):
     assert metrics["grid"]["true_positions"] == [0, T - 1]
 
     # B_i at its own position of the identity order is the reference run: the estimate reads θ_T exactly.
-    ctx = EstimationContext(params, data_dir, ref_dir, cache_dir)
+    ctx = EstimationContext(ReferenceRun(params, data_dir, ref_dir), cache_dir)
     with torch.no_grad():
         for i in batches:
-            assert cells[(default, i, i)] == float(ctx.loss.loss(ctx.theta_T, ctx.prepared.window[i]))
+            assert cells[(default, i, i)] == float(ctx.run.loss.loss(ctx.theta_T, ctx.prepared.window[i]))
     # A true cell is a real retrain of that placement.
     i = batches[-1]
-    retrained = Oracle(params, data_dir, ref_dir).retrain(placement_order(list(range(T)), i, 0))
+    retrained = Oracle(ReferenceRun(params, data_dir, ref_dir)).retrain(placement_order(list(range(T)), i, 0),
+                                                                      ("batches",))
     assert cells[("truth", i, 0)] == retrained["batch_losses"][i]
 
-    for name in (default, "fut", "fut++", "naive"):
+    for name in (default, "fut:secant", "fut-state:eig", "naive"):
         s = metrics["estimators"][name]
         assert s["n"] == 2 * len(batches)
         for key in ("mse", "mae", "spearman", "spearman_placement"):
             assert key in s
     assert metrics["estimators"][default]["mse"] < metrics["estimators"]["naive"]["mse"]
     assert metrics["estimators"]["naive"]["spearman_placement"] is None        # blind to position
-    for name in (default, "fut", "fut++"):
+    for name in (default, "fut:secant", "fut-state:eig"):
         g = metrics["generalization"]["estimators"][name]
         assert {"mse", "mae", "spearman", "mean_effect"} <= set(g)
     truth_groups = metrics["generalization"]["true_mean_effect"]

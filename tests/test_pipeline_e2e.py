@@ -33,7 +33,7 @@ def repo(tmp_path_factory, text_dir):
     (dest / "data" / "sources").mkdir(parents=True, exist_ok=True)   # a declared dependency of prepare
     (dest / "reports" / "sweeps").mkdir(parents=True)   # the ablations stage's: no sweep points for tiny params
     params = tiny_params(text_dir)
-    params["cache"]["workers"] = 2        # the stage launches torchrun ranks from its notebook, as by default
+    params["parallel"]["workers"] = 2     # the stages launch torchrun ranks from their notebooks, as by default
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
@@ -46,66 +46,75 @@ def repo(tmp_path_factory, text_dir):
 def test_dvc_repro_builds_every_stage(repo):
     dest, env = repo
     _run(["dvc", "repro"], dest, env)
-    ref = json.loads((dest / "reports/metrics/reference.json").read_text())
+    metrics = lambda name: json.loads((dest / f"reports/metrics/{name}.json").read_text())
+    ref = metrics("reference")
     assert ref["identity_retrain_bitwise"] is True and ref["window_steps"] == 6 and ref["batch_size"] == 2
-    assert ref["n_params"] > 0 and ref["eval_ppl_end"] > 1
-    gt = json.loads((dest / "reports/metrics/groundtruth.json").read_text())
-    for key in ("n_orders", "true_ppl_mean", "true_ppl_std", "true_ppl_min", "true_ppl_max",
-                "retrain_seconds_per_order"):
-        assert key in gt
-    assert gt["n_orders"] == 8
-    est = json.loads((dest / "reports/metrics/estimators.json").read_text())
+    gt = metrics("groundtruth")
+    assert gt["dev"]["n_orders"] == 8 and gt["test"]["n_orders"] == 7
+    est = metrics("estimators")
     default = yaml.safe_load((dest / "params.yaml").read_text())["estimate"]["default"]
     assert est["default_method"] == default and est["retrain_seconds_per_order"] > 0
-    for name, m in est["methods"].items():
-        for key in ("spearman", "kendall", "r2_order_effect", "absdiff_ppl", "rel_err", "seconds_per_order",
-                    "cache_seconds", "cache_bytes"):
-            assert key in m, (name, key)
-        assert m["identity_returns_reference"] is True, name
-    assert est["methods"]["naive"]["r2_order_effect"] == 0.0
-    cache = json.loads((dest / "reports/metrics/cache.json").read_text())
-    assert cache["pairs"] == 7 * 6 and cache["bytes"]["grad"] == 7 * 6 * ref["n_params"] * 4
+    for split in ("dev", "test"):
+        assert set(est[split]["families"]) == {"random", "domain_blocks", "structured", "all"}
+        for method, acc in est[split]["families"]["all"].items():
+            assert {"spearman", "kendall", "r2_order_effect", "bias_ppl", "absdiff_ppl", "rel_err", "n"} <= set(acc)
+    assert est["test"]["families"]["all"]["naive"]["r2_order_effect"] == 0.0
+    assert {"10", "100", "1000"} == set(est["from_scratch"]) and est["speedup_per_order"] > 0
+    cache = metrics("cache")
     assert cache["workers"] == 2      # built by 2 torchrun ranks, as planned byte for byte
     assert cache["plan"]["bytes"] == sum(v for k, v in cache["bytes"].items() if k != "total_file_bytes")
-    for nb in ("01_prepare", "02_reference", "03_groundtruth", "04_cache", "05_estimate"):
+    assert metrics("projection")["projector"]["k"] == 64
+    for nb in ("01_prepare", "02_reference", "03_groundtruth", "04_cache", "05_estimate", "06_ablations",
+               "07_curriculum", "08_memorization", "09_domain_order"):
         executed = json.loads((dest / f"reports/notebooks/{nb}.ipynb").read_text())
         assert any(c.get("outputs") for c in executed["cells"]), nb
-    for fig in ("corpus_tokens", "reference_curves", "groundtruth_ppl", "groundtruth_trajectories", "cache_cost",
-                "estimates_scatter", "estimate_trajectories"):
-        assert (dest / f"reports/figures/{fig}.png").stat().st_size > 1000
-    # Applications (issue 4) and the report.
-    cur = json.loads((dest / "reports/metrics/curriculum.json").read_text())
+        assert "IProgress" not in json.dumps(executed), nb                # no widget warning in the notebooks
+    cur = metrics("curriculum")
     for name in ("random", "identity", "easy_to_hard", "interleaved_easy_to_hard", "genetic", "assignment",
                  "estimator_search"):
         assert {"true_ppl", "ci_low", "ci_high", "seconds", "peak_mb"} <= set(cur[name]), name
-    assert cur["random"]["n_orders"] == 2 and -1 <= cur["rank_agreement"]["spearman"] <= 1
-    mem = json.loads((dest / "reports/metrics/memorization.json").read_text())
-    for name in (est["default_method"], "fut", "fut++"):
-        assert {"mse", "mae", "spearman"} <= set(mem["estimators"][name]), name
-        assert {"mse", "mae", "spearman"} <= set(mem["generalization"]["estimators"][name]), name
-    dom = json.loads((dest / "reports/metrics/domain_order.json").read_text())
-    assert dom["n_orders"] == 2 and dom["n_retrained"] == 0
-    for nb in ("07_curriculum", "08_memorization", "09_domain_order"):
-        executed = json.loads((dest / f"reports/notebooks/{nb}.ipynb").read_text())
-        assert any(c.get("outputs") for c in executed["cells"]), nb
-    for fig in ("curriculum_strategies", "curriculum_search", "memorization_heatmaps", "generalization",
-                "domain_order"):
-        assert (dest / f"reports/figures/{fig}.png").stat().st_size > 1000
+    mem = metrics("memorization")
+    assert {"mse", "mae", "spearman"} <= set(mem["estimators"][default])
+    assert metrics("domain_order")["n_orders"] == 2
+    assert set(metrics("error_proxy")) >= {"spearman_with_true_error", "n_orders", "flagged", "failing"}
+    summary = metrics("summary")
+    assert summary["default_method"] == default and set(summary["test"]) >= {"random", "all"}
     readme = (dest / "reports/README.md").read_text()
+    assert readme.index("## Summary") < readme.index("## Corpus")
     for fig in (dest / "reports/figures").glob("*.png"):
         assert f"](figures/{fig.name})" in readme, fig.name
     assert "has not been built" not in readme
-    status = _run(["dvc", "status"], dest, env)
-    assert "up to date" in status
+    assert "up to date" in _run(["dvc", "status"], dest, env)
 
-    # Changing a groundtruth-only param reruns groundtruth alone; metrics diff sees the change.
+    # An edit to a module reports exactly the stages that import it.
+    with open(dest / "fut/subspace.py", "a") as fh:
+        fh.write("# an edit\n")
+    changed = _run(["dvc", "status", "--json"], dest, env)
+    stale = set(json.loads(changed))
+    assert {"cache", "estimate", "ablations", "curriculum", "memorization", "domain_order"} <= stale
+    assert not stale & {"prepare", "reference", "groundtruth"}, stale
+    _run(["git", "checkout", "--", "fut/subspace.py"], dest, env)
+
+    # A new projection size reprojects and rescores, and leaves the cache as it is.
     params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["projection"]["k"] = 32
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(["dvc", "repro"], dest, env)
+    assert "Stage 'cache' didn't change" in out and "Stage 'groundtruth' didn't change" in out
+    assert "Running stage 'projection'" in out and metrics("projection")["projector"]["k"] == 32
+
+    # Changing a groundtruth-only param reruns groundtruth and what reads it, not the cache.
     params["groundtruth"]["n_random"] = 3
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], dest, env)
     assert "Stage 'prepare' didn't change" in out and "Stage 'reference' didn't change" in out
     assert "Stage 'cache' didn't change" in out
-    assert json.loads((dest / "reports/metrics/groundtruth.json").read_text())["n_orders"] == 9
+    assert metrics("groundtruth")["dev"]["n_orders"] == 9
+
+    # The worker count is no param of any stage: changing it reruns nothing.
+    params["parallel"]["workers"] = 1
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "up to date" in _run(["dvc", "status"], dest, env)
 
 
 @pytest.mark.slow

@@ -10,19 +10,20 @@ import yaml
 from checks.tiny import tiny_params
 from fut import cli
 from fut.cache import UpdateCache
-from fut.data import load_prepared
 from fut.plan import cache_plan
+from fut.reference import ReferenceRun
 
 
 def test_plan_counts_are_what_the_built_cache_holds(tiny_truth):
     params, data_dir, ref_dir, cache_dir, _ = tiny_truth
-    prepared = load_prepared(data_dir, params)
-    plan = cache_plan(params, prepared, cache_dir)
-    store = UpdateCache(params, prepared, ref_dir, cache_dir)
+    run = ReferenceRun(params, data_dir, ref_dir)
+    plan = cache_plan(params, run.prepared, cache_dir)
+    store = UpdateCache(run, cache_dir)
     sizes = store.bytes()
     assert plan["bytes"] == sum(v for k, v in sizes.items() if k != "total_file_bytes")
     assert plan["files"] == len(store.paths()) and plan["missing_bytes"] == 0
-    assert plan["pair_gradients"] + plan["own_gradients"] == store.build_cost()["pairs"]
+    counted = plan["pair_gradients"] + plan["own_gradients"] + plan["after_gradients"]
+    assert counted == store.build_cost()["gradients"]
 
 
 def test_plan_command_prints_json_and_refuses_a_small_disk(tiny, text_dir, tmp_path, capsys):

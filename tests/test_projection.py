@@ -60,6 +60,7 @@ def test_smaller_k_is_a_rescaled_prefix_of_larger_k(kind):
     torch.testing.assert_close(prefix(big.project(x), 128), small.project(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_coordinate_matters(kind):
     """Dense: always. Sparse: a coordinate is missed with probability exp(−k/sqrt(d)), here e^−29."""

@@ -30,7 +30,7 @@ def synthetic(seed: int = 0, checkpoints=(0, 6)) -> tuple[SubspaceSources, dict]
     src = SubspaceSources(pair_checkpoints=list(checkpoints), eigen_keys=keys,
                           eigen_values=[eigen[k][0] for k in keys], groups=groups,
                           rows=lambda cols: basis[:, cols], dim=D, chunk=7, theta=lambda t: thetas[t],
-                          precond=torch.rand(D, generator=gen) + 0.5, eval_grad=rnd(D),
+                          precond=torch.rand(D, generator=gen) + 0.5, precond_drift=0.0, eval_grad=rnd(D),
                           lrs=[0.01] * T, adam_steps=[100 + t + 1 for t in range(T)], hp=HP)
     return src, {"pairs": pairs, "own": own, "after": after, "eigen": eigen, "thetas": thetas}
 
@@ -119,3 +119,26 @@ def test_tensors_round_trip():
     again = type(sub).from_tensors(sub.tensors(), sub.metadata())
     sigma = torch.tensor([[1, 0, 3, 2, 5, 4]])
     assert torch.equal(again.replay(sigma), sub.replay(sigma))
+
+
+def test_knot_disagreement_vanishes_where_the_curvature_explains_each_gradients_path():
+    """Leaving out the pairs at T (extrapolating from the after-step gradient with the curvature) changes nothing
+    when g(θ_T, B_j) is exactly that extrapolation, and something when it is not; the indicator is zero for the
+    identity order, whose estimate is the reference's."""
+    src, raw = synthetic()
+    sub = build_subspace(src, None, 0.0, 0, 0)
+    assert sub.knot_disagreement > 1e-2
+    sigma = torch.tensor([[5, 4, 3, 2, 1, 0], list(range(T))])
+    ind = sub.indicators(sub.replay(sigma), 1.0)
+    assert float(ind["error_indicator_ppl"][1]) == 0.0 and float(ind["error_indicator_ppl"][0]) > 0
+    assert float(ind["knot_disagreement"][0]) == sub.knot_disagreement
+
+    thetas = raw["thetas"]
+    for j in range(T):
+        vals, vecs = raw["eigen"][(0, src.groups[j])]
+        raw["pairs"][T][j] = raw["after"][j] + vecs.t() @ (vals * (vecs @ (thetas[T] - thetas[j + 1])))
+    basis = torch.cat([raw["pairs"][c] for c in src.pair_checkpoints] + [raw["own"], raw["after"]]
+                      + [raw["eigen"][k][1] for k in src.eigen_keys])
+    linear = build_subspace(SubspaceSources(**{**src.__dict__, "rows": lambda cols: basis[:, cols]}), None, 0.0, 0, 0)
+    assert linear.knot_disagreement < 1e-4         # float32 replay: ~1e-6 relative
+

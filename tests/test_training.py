@@ -1,21 +1,25 @@
 """Reference run, retraining oracle, ground truth: exactness, provenance and resumption."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from fut import data, pipeline, reference
-from fut.groundtruth import Oracle, result_path, run_groundtruth
+from fut import config, data, protocol, reference
+from fut.groundtruth import Oracle, result_path, retrain_all
+from fut.orders import family
+from fut.reference import ReferenceRun
+from fut.stages import groundtruth as groundtruth_stage
 from fut.storage import ArtefactMismatch, load_tensors
 
 
 def test_identity_retrain_reproduces_reference_bit_for_bit(tiny):
     params, data_dir, ref_dir, metrics = tiny
     assert metrics["identity_retrain_bitwise"] is True
-    oracle = Oracle(params, data_dir, ref_dir)
+    oracle = Oracle(ReferenceRun(params, data_dir, ref_dir))
     T = params.window.steps
-    final = oracle.retrain_trainer(range(T)).state()
-    stored = reference.load_checkpoint(ref_dir, T, oracle.ref_hash)
+    final = oracle.trainer(range(T)).state()
+    stored = reference.load_checkpoint(ref_dir, T, oracle.run.hash)
     for name in stored.theta:
         assert torch.equal(final.theta[name], stored.theta[name])
         assert torch.equal(final.m[name], stored.m[name]) and torch.equal(final.v[name], stored.v[name])
@@ -24,37 +28,37 @@ def test_identity_retrain_reproduces_reference_bit_for_bit(tiny):
 
 def test_every_stored_step_matches_the_retrained_trajectory(tiny):
     params, data_dir, ref_dir, _ = tiny
-    oracle = Oracle(params, data_dir, ref_dir)
+    oracle = Oracle(ReferenceRun(params, data_dir, ref_dir))
     mismatches = []
 
     def check(t, trainer, loss):
-        want = reference.load_checkpoint(ref_dir, t, oracle.ref_hash)
+        want = reference.load_checkpoint(ref_dir, t, oracle.run.hash)
         if not reference.states_equal(trainer.state(), want):
             mismatches.append(t)
 
-    oracle.retrain_trainer(range(params.window.steps), on_step=check)
+    oracle.trainer(range(params.window.steps), on_step=check)
     assert mismatches == []
 
 
 def test_another_order_gives_another_model(tiny):
     params, data_dir, ref_dir, _ = tiny
-    oracle = Oracle(params, data_dir, ref_dir)
+    oracle = Oracle(ReferenceRun(params, data_dir, ref_dir))
     T = params.window.steps
-    a = oracle.retrain(list(range(T)))
+    a = oracle.retrain(list(range(T)), ("batches", "sequences", "trajectory"), eval_every=2)
     b = oracle.retrain(list(reversed(range(T))))
-    assert a["eval_loss"] != b["eval_loss"]
+    assert a["eval_loss"] != b["eval_loss"] and b["eval_loss"] == oracle.eval_loss(list(reversed(range(T))))
     assert len(a["batch_losses"]) == T and set(a["domain_eval_loss"]) == {"genesis", "gospels"}
-    assert a["trajectory"]["step"][-1] == T
+    assert len(a["eval_sequence_losses"]) == len(oracle.prepared.eval_mixed)
+    assert a["trajectory"]["step"] == [2, 4, T] and "trajectory" not in b and "batch_losses" not in b
 
 
 def test_checkpoint_from_other_params_is_refused(tiny, params_dict):
     params, data_dir, ref_dir, _ = tiny
     params_dict["optimizer"]["weight_decay"] = 0.5
-    from fut import config
 
     other = config.from_dict(params_dict)
     with pytest.raises(ArtefactMismatch, match="metadata 'reference_hash'"):
-        Oracle(other, data_dir, ref_dir)
+        Oracle(ReferenceRun(other, data_dir, ref_dir))
 
 
 def test_checkpoint_metadata_records_provenance(tiny):
@@ -64,12 +68,14 @@ def test_checkpoint_metadata_records_provenance(tiny):
     assert meta["versions"]["torch"] == torch.__version__
     assert meta["reference_hash"].startswith(data.load_prepared(data_dir, params).prepare_hash)
 
+@pytest.mark.slow
 
 def test_groundtruth_resumes_and_ignores_partial_or_foreign_results(tiny, tmp_path):
     params, data_dir, ref_dir, _ = tiny
     T = params.window.steps
     orders = {"identity": list(range(T)), "reversed": list(reversed(range(T))), "shift": list(range(1, T)) + [0]}
-    first = run_groundtruth(params, orders, data_dir, ref_dir, tmp_path, eval_every=2, workers=2, progress=False)
+    two = config.from_dict({**dataclasses.asdict(params), "parallel": {"workers": 2}})
+    first = retrain_all(two, orders, data_dir, ref_dir, tmp_path, ("trajectory",), 2, progress=False)
     assert set(first) == set(orders)
     # An interrupted run: one result missing, one half-written, one from another reference run.
     result_path(tmp_path, "identity").unlink()
@@ -77,22 +83,29 @@ def test_groundtruth_resumes_and_ignores_partial_or_foreign_results(tiny, tmp_pa
     foreign = json.loads(result_path(tmp_path, "shift").read_text())
     foreign["reference_hash"] = "other"
     result_path(tmp_path, "shift").write_text(json.dumps(foreign))
-    again = run_groundtruth(params, orders, data_dir, ref_dir, tmp_path, eval_every=2, workers=1, progress=False)
+    again = retrain_all(params, orders, data_dir, ref_dir, tmp_path, ("trajectory",), 2, progress=False)
     for name in orders:
         assert again[name]["eval_loss"] == first[name]["eval_loss"]   # bit-identical across processes
         assert again[name]["reference_hash"] == first[name]["reference_hash"]
     stamp = result_path(tmp_path, "identity").stat().st_mtime_ns
-    run_groundtruth(params, orders, data_dir, ref_dir, tmp_path, eval_every=2, workers=1, progress=False)
+    retrain_all(params, orders, data_dir, ref_dir, tmp_path, ("trajectory",), 2, progress=False)
     assert result_path(tmp_path, "identity").stat().st_mtime_ns == stamp   # complete results are not redone
+    retrain_all(params, orders, data_dir, ref_dir, tmp_path, (), 0, progress=False)   # other readouts: redone
+    assert result_path(tmp_path, "identity").stat().st_mtime_ns != stamp
 
 
-def test_groundtruth_stage_metrics(tiny, tmp_path):
+def test_groundtruth_stage_retrains_dev_and_test_apart(tiny, tmp_path):
     params, data_dir, ref_dir, _ = tiny
-    results, metrics = pipeline.groundtruth(params, data_dir, ref_dir, tmp_path)
-    # identity + 2 random + reversed + 2 domain blocks + easy/hard
-    assert metrics["n_orders"] == len(results) == 1 + 2 + 1 + 2 + 2
-    assert metrics["true_ppl_min"] <= metrics["identity_ppl"] <= metrics["true_ppl_max"]
-    assert results["identity"]["eval_ppl"] == pytest.approx(torch.tensor(results["identity"]["eval_loss"]).exp().item())
+    results, metrics = groundtruth_stage.run(params, data_dir, ref_dir, tmp_path)
+    dev, test = results[protocol.DEV], results[protocol.TEST]
+    # dev: identity + 2 random + reversed + 2 domain blocks + easy/hard; test: 3 random, 1 of each structured kind
+    assert metrics["dev"]["n_orders"] == len(dev) == 1 + 2 + 1 + 2 + 2
+    assert metrics["test"]["n_orders"] == len(test) == 3 + 1 + 1 + 2 * 1
+    assert not {tuple(r["order"]) for r in dev.values()} & {tuple(r["order"]) for r in test.values()}
+    assert {family(n) for n in test} == {"random", "domain_blocks", "structured"}
+    assert sum("trajectory" in r for r in dev.values()) == params.groundtruth.trajectories
+    assert protocol.dev_truth(tmp_path) == dev
+    assert dev["identity"]["eval_ppl"] == pytest.approx(torch.tensor(dev["identity"]["eval_loss"]).exp().item())
     noise = metrics["noise_floor"]
     assert set(noise) == {"rounding_perturbation_abs_ppl", "rounding_perturbation_param_rel", "thread_count_abs_ppl",
                           "thread_count_param_rel"}

@@ -23,7 +23,8 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path) -> dict:
     wall = time.perf_counter() - start
     store = UpdateCache(ref, cache_dir)
     c = params.cache
-    metrics = {**built, **store.build_cost(), "bytes": store.bytes(), "dtype": c.dtype, "curvature_rank": c.curvature_rank, "curvature_iterations": c.curvature_iterations,
+    metrics = {**built, **store.build_cost(), "bytes": store.bytes(), "dtype": c.dtype,
+               "curvature_rank": c.curvature_rank, "curvature_iterations": c.curvature_iterations,
                "curvature_checkpoints": c.curvature_checkpoints, "checkpoint_stride": c.checkpoint_stride,
                "plan": plan, "wall_seconds": wall}
     atomic_write_json(Path(cache_dir) / "stats.json", metrics)

@@ -23,13 +23,19 @@ from ..orders import family
 from ..reference import ReferenceRun
 from ..stats import rank_correlation
 from ..storage import read_json
-from ..subspace import probe_orders
+from ..surrogate import PositionModel, fit_to_estimator, random_orders
 
 log = logging.getLogger(__name__)
 
 FROM_SCRATCH = (10, 100, 1000)
+# The params sections that decide this stage's numbers (through the stages before it): their hash is the
+# summary's provenance.
+RESULT_SECTIONS = ("corpus", "tokenizer", "data", "model", "optimizer", "warmstart", "window", "train", "groundtruth",
+                   "cache", "projection", "estimate")
 TIMED_RETRAINS = 5
-THROUGHPUT_ORDERS = 20_000
+THROUGHPUT_ORDERS = 20_000       # random orders the default method scores in one timed batched call
+SURROGATE_TIMED = 1_000_000      # ... and the surrogate
+SURROGATE = "surrogate"          # its name beside the methods in the dev and test blocks
 
 
 def subset(orders: dict[str, list[int]], n: int) -> dict[str, list[int]]:
@@ -83,6 +89,7 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, projecti
     retrain_s = retrain["median"]
 
     estimates = {split: {} for split in orders}
+    trust = {split: {} for split in orders}       # the default method's per-order error indicators
     seconds, diverged = {}, {}
     for method in e.methods:
         scored_on = METHODS[method].scored_on
@@ -93,10 +100,18 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, projecti
                       "expensive": subset(named, e.expensive_orders)}[scored_on]
             est = estimators.estimate(ctx, list(chosen.values()), method, e.readout, e.k)
             estimates[split][method] = dict(zip(chosen, est.eval_loss.double().tolist()))
+            if method == e.default and est.indicators:
+                trust[split] = {n: {k: v[i] for k, v in est.indicators.items()} for i, n in enumerate(chosen)}
             if split == protocol.TEST:
                 seconds[method] = est.seconds / len(chosen)
                 diverged[method] = min((t for t in est.non_finite_step if t is not None), default=None)
         log.info("%s: %.4f s per order", method, seconds[method])
+
+    # The search surrogate, scored like a method on both splits (its fit reads no truth).
+    model, surrogate = fit_surrogate(ctx, e.default, ref.T)
+    if model is not None:
+        for split, named in orders.items():
+            estimates[split][SURROGATE] = dict(zip(named, model.score(np.array(list(named.values()))).tolist()))
 
     dev_block = protocol.score_block(estimates[protocol.DEV], {n: dev[n]["eval_loss"] for n in orders[protocol.DEV]},
                                      ctx.naive_loss, e.bootstrap, 0)
@@ -129,6 +144,7 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, projecti
     once = methods[default]["one_time_seconds"]
     metrics = {
         "default_method": default, "readout": e.readout, "naive_eval_loss": ctx.naive_loss,
+        "params_hash": params.section_hash(*RESULT_SECTIONS),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "retrain_seconds_per_order": retrain_s, "retrain_seconds_timed": retrain["all"],
         "default_seconds_per_order": per_order, "speedup_per_order": retrain_s / per_order,
@@ -138,7 +154,9 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, projecti
         "context_seconds": load.seconds, "end_to_end": end_to_end,
         "methods": methods, "dev": dev_block, "test": test_block,
         "readouts": _readout_fidelity(estimates[protocol.TEST], seconds),
-        "surrogate": _throughput(ctx, default, test_block, ref.T),
+        "error_indicator": error_indicator(default, trust, estimates[protocol.DEV].get(default, {}), dev, test_rows),
+        "surrogate": {**surrogate, "families": {f: {k: m[k] for k in (SURROGATE, default) if k in m}
+                                                for f, m in test_block["families"].items()}} if surrogate else {},
         "replay_orders": e.replay_orders, "expensive_orders": e.expensive_orders,
     }
     trajectories = estimate_trajectories(ctx, oracle, dev, [n for n, r in dev.items() if "trajectory" in r],
@@ -149,6 +167,33 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, projecti
     dev_rows = protocol.per_order_rows(estimates[protocol.DEV], {n: dev[n]["eval_loss"] for n in orders[protocol.DEV]},
                                        protocol.DEV)
     return {"per_order": dev_rows + test_rows, "trajectories": trajectories}, metrics
+
+
+def error_indicator(method: str, trust: dict, dev_estimates: dict[str, float], dev: dict,
+                    test_rows: list[dict]) -> dict:
+    """How each of the default method's error indicators ranks its true absolute error in PPL, on the dev orders
+    and on the test orders (the final scoring's rows), and the test orders' pairs (indicators, true error) that the
+    ablations pool with the sweep points'."""
+    if not trust[protocol.DEV]:
+        return {}
+    err = lambda est, true: abs(float(np.exp(est)) - float(np.exp(true)))
+    errors = {protocol.DEV: {n: err(dev_estimates[n], dev[n]["eval_loss"]) for n in trust[protocol.DEV]},
+              protocol.TEST: {r["order"]: err(r["est_loss"], r["true_loss"]) for r in test_rows if r["method"] == method}}
+    names = sorted(next(iter(trust[protocol.DEV].values())))
+    out = {"method": method, "spearman": {}}
+    for split, by_order in errors.items():
+        orders_ = [n for n in by_order if n in trust[split]]
+        out["spearman"][split] = {k: rank_correlation([trust[split][n][k] for n in orders_],
+                                                      [by_order[n] for n in orders_]) for k in names}
+    # The factor that turns the indicator into an error in PPL, on the dev orders only (RMS true error over RMS
+    # indicator): what the ablations use to predict a run's skill score from its indicators.
+    ind = np.array([trust[protocol.DEV][n]["error_indicator_ppl"] for n in errors[protocol.DEV]])
+    err_dev = np.array(list(errors[protocol.DEV].values()))
+    out["scale"] = float(np.sqrt((err_dev ** 2).sum() / max((ind ** 2).sum(), 1e-30)))
+    est = {r["order"]: float(np.exp(r["est_loss"])) for r in test_rows if r["method"] == method}
+    out["test_pairs"] = [{"order": n, "est_ppl": est[n], "abs_error_ppl": errors[protocol.TEST][n],
+                          **trust[protocol.TEST][n]} for n in sorted(errors[protocol.TEST]) if n in trust[protocol.TEST]]
+    return out
 
 
 def _end_to_end_seconds(ref: ReferenceRun, cache_dir: Path, orders: list[list[int]], method: str) -> dict:
@@ -176,18 +221,29 @@ def _readout_fidelity(test: dict[str, dict[str, float]], seconds: dict[str, floa
             "exact_seconds_per_order": seconds["fut-subspace:exact"], "n": len(names)}
 
 
-def _throughput(ctx: EstimationContext, method: str, test_block: dict, T: int) -> dict:
-    """How many orders per second the default method scores in one batched call (random permutations), and its
-    test-set accuracy: what a search can afford per candidate."""
-    if not method.startswith("fut-subspace") or METHODS[method].readout != "quadratic":
-        return {}
-    sigma = probe_orders(T, ["g"] * T, THROUGHPUT_ORDERS, seed=7)
-    ctx.subspace.quadratic(ctx.subspace.replay(torch.tensor(sigma[:100])), ctx.naive_loss)   # warm up
-    t0 = time.perf_counter()
-    ctx.subspace.quadratic(ctx.subspace.replay(torch.tensor(sigma)), ctx.naive_loss)
-    sec = time.perf_counter() - t0
-    return {"method": method, "orders_per_second": len(sigma) / sec, "n_orders_timed": len(sigma),
-            "families": {f: {method: m[method]} for f, m in test_block["families"].items() if method in m}}
+def fit_surrogate(ctx: EstimationContext, method: str, T: int) -> tuple[PositionModel | None, dict]:
+    """The additive surrogate of the default method (fut/surrogate.py), fitted to its estimates of 4·T² seeded
+    random orders (the model has (T − 1)² + 1 free directions), when the method is cheap enough to call that
+    often (a quadratic readout); and the throughput of both in one batched call, timed on random orders."""
+    if METHODS[method].readout != "quadratic":
+        return None, {}
+
+    def call(orders: np.ndarray) -> np.ndarray:
+        return estimators.estimate(ctx, orders.tolist(), method).eval_loss.double().numpy()
+
+    calls = 4 * T * T
+    with measured() as fitting:
+        model = fit_to_estimator(call, T, calls, seed=11)
+    sigma = random_orders(T, THROUGHPUT_ORDERS, seed=7)
+    call(sigma[:100])                                                        # warm up
+    with measured() as est_time:
+        call(sigma)
+    sigma = random_orders(T, SURROGATE_TIMED, seed=8)
+    with measured() as sur_time:
+        model.score(sigma)
+    return model, {"fitted_to": method, "estimator_calls": calls, "fit_seconds": fitting.seconds,
+                   "orders_per_second": SURROGATE_TIMED / sur_time.seconds,
+                   "estimator_orders_per_second": THROUGHPUT_ORDERS / est_time.seconds}
 
 
 def estimate_trajectories(ctx: EstimationContext, oracle: Oracle, truth: dict, names: list[str],
