@@ -218,8 +218,8 @@ BAD_INPUTS = [
              _open_projected(_set("projection", kind="gaussian"))),
     BadInput("cache: built with another dtype", "dtype [metadata 'dtype' is 'float32' but this run needs "
              "'bfloat16']", _open_cache(_set("cache", dtype="bfloat16"))),
-    BadInput("cache: built for a reference run with other params", "reference run: its prepared data and model, "
-             "optimizer, warmstart, window, train params [metadata 'reference_hash'",
+    BadInput("cache: built for a reference run with other params", "reference run: its prepared data, a pretrained "
+             "model's weights and model, optimizer, warmstart, window, train params [metadata 'reference_hash'",
              _open_cache(_set("optimizer", weight_decay=0.5))),
     BadInput("cache: built for another stored reference trajectory", "reference trajectory: the stored values of "
              "θ_T, m_T, v_T [metadata 'trajectory_sha256'", _cache_of_other_trajectory),

@@ -58,9 +58,9 @@ def full_run(params: Params, root: Path) -> Run:
 
 # Values that measure a run rather than its result: timings (and what is derived from them, like the size of
 # a header that records a timing), and how many units a resumed run found done.
-MEASURED = ("seconds", "speedup", "break_even", "peak_", "overhead")
+MEASURED = ("seconds", "per_second", "speedup", "break_even", "peak_", "overhead")
 RUN_FACTS = {"build", "workers", "free_bytes", "missing_bytes", "resumed_from_step", "files_built", "files_reused",
-             "total_file_bytes", "measured_at", "orders_per_second", "retrain_seconds_timed"}
+             "total_file_bytes", "measured_at", "retrain_seconds_timed"}
 
 
 def result_only(obj):

@@ -14,7 +14,8 @@ import yaml
 from checks.tiny import tiny_params
 from conftest import ROOT
 from fut import config, protocol
-from fut.model import count_parameters
+from fut.model import build_model, count_parameters
+from fut.reference import ReferenceRun
 from fut.orders import family
 
 
@@ -186,3 +187,35 @@ def test_from_scratch_builds_the_default_methods_cache_and_scores_orders(artefac
     r = json.loads(out.read_text())
     assert r["subspace_equals_pipeline_cache"] is True
     assert sorted(r["from_scratch"]) == ["2", "8"] and r["retrain_seconds_per_order"] > 0
+
+
+def test_scaling_points_span_the_tokens_and_model_sizes_the_benchmark_claims(tmp_path):
+    spec = importlib.util.spec_from_file_location("scaling", ROOT / "benchmarks/scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    base = config.load(ROOT / "params.yaml")
+    sizes = {}
+    for name, knobs in scaling.points().items():
+        p = scaling.params_for(base, knobs, tmp_path, orders=3, warmstart_steps=50)
+        T = p.window.steps
+        assert (p.cache.checkpoint_stride, p.cache.eval_grad_stride, p.warmstart.steps) == (T, T, 50)
+        assert p.groundtruth.n_random == 3 and p.estimate.methods == scaling.METHODS
+        sizes[name] = (p.window.batch_size * p.data.seq_len,
+                       count_parameters(p.model, p.tokenizer.vocab_size, p.data.seq_len))
+    assert sorted(t for name, (t, _) in sizes.items() if name.startswith("tokens=")) == [512, 2048, 8192]
+    n_params = sorted(n for _, n in sizes.values())
+    assert 0.5e6 < n_params[0] < 2e6 and 15e6 < n_params[-1] < 25e6   # about 1M to 20M parameters
+
+
+def test_pretrained_finetune_saves_the_window_start_as_a_checkpoint_the_pipeline_loads_exactly(tiny, tmp_path):
+    spec = importlib.util.spec_from_file_location("pretrained_finetune", ROOT / "benchmarks/pretrained_finetune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    params, data_dir, ref_dir, _ = tiny
+    ref = ReferenceRun(params, data_dir, ref_dir)
+    checkpoint = bench.save_checkpoint(ref, tmp_path / "checkpoint")
+    finetune = bench.finetune_params(params, checkpoint, data_dir / "corpus")
+    assert finetune.model.pretrained == str(checkpoint.resolve()) and not finetune.warmstart.enabled
+    loaded = dict(build_model(finetune.model, ref.prepared.vocab_size, params.data.seq_len).named_parameters())
+    assert loaded.keys() == ref.start.theta.keys()
+    assert all(torch.equal(loaded[k], ref.start.theta[k]) for k in loaded)
