@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fut import config  # noqa: E402
+from fut.ablations import FLAG_DRIFT  # noqa: E402
 from fut.model import build_model  # noqa: E402
 from fut.reference import ReferenceRun  # noqa: E402
 from fut.storage import atomic_write_json, read_json  # noqa: E402
@@ -82,13 +83,18 @@ def main() -> int:
     print(f"checkpoint: {checkpoint} ({r['n_params'] / 1e6:.2f}M parameters); window start PPL "
           f"{r['eval_ppl_start']:.4f} (default run: {start_ppl:.4f}), end {r['eval_ppl_end']:.4f}; "
           f"identity retrain bitwise: {r['identity_retrain_bitwise']}")
-    print(f"{'method':<22}{'family':<12}{'n':>4}{'Spearman':>10}{'R² vs naive':>13}{'bias PPL':>10}"
-          f"{'|ΔPPL|':>9}{'s/order':>10}{'speed-up':>10}")
+    print(f"{'method':<22}{'family':<12}{'n':>4}{'Spearman':>10}{'R² vs naive':>13}{'bias PPL':>11}"
+          f"{'|ΔPPL|':>11}{'s/order':>10}{'speed-up':>10}")
     for method, m in r["methods"].items():
         for fam, s in m["families"].items():
-            print(f"{method:<22}{fam:<12}{s['n']:>4}{fmt(s['spearman'], '>10.3f')}{fmt(s['r2_order_effect'], '>13.3f')}"
-                  f"{fmt(s['bias_ppl'], '>10.3f')}{fmt(s['absdiff_ppl'], '>9.3f')}"
+            print(f"{method:<22}{fam:<12}{s['n']:>4}{fmt(s['spearman'], '>10.3f')}{fmt(s['r2_order_effect'], '>13.4g')}"
+                  f"{fmt(s['bias_ppl'], '>11.4g')}{fmt(s['absdiff_ppl'], '>11.4g')}"
                   f"{m['seconds_per_order']:>10.4f}{fmt(retrain / m['seconds_per_order'] if m['seconds_per_order'] else None, '>10.1f')}")
+    trust = r["trust"]
+    if trust:   # the default method's own verdict (fut/ablations.py): the replay freezes Adam's preconditioner
+        drift = sorted(t["precond_drift"] for t in trust)[len(trust) // 2]
+        print(f"{r['default_method']}'s indicators: precond_drift {drift:.3f} (flagged above {FLAG_DRIFT}), "
+              f"{sum(t['est_ppl'] is None for t in trust)} of {len(trust)} estimates diverged")
     atomic_write_json(args.out, r)
     return 0
 

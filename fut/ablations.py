@@ -31,7 +31,7 @@ K_VALUES = (16, 64, 256, 1024, 4096)
 # When fut-subspace's own indicators say not to trust a run: its skill score predicted from them (errors
 # predicted as `scale` × error_indicator_ppl, the scale set on the default run's dev orders) is below
 # FLAG_SKILL, the bar the sweep's failing points are defined by; or Adam's preconditioner moves more than 10%
-# during the window (the replay freezes it; set before looking at any run's accuracy).
+# during the window (the replay freezes it; set before looking at any run's accuracy); or an estimate diverged.
 FLAG_SKILL, FLAG_DRIFT = 0.5, 0.10
 INDICATORS = ("error_indicator_ppl", "knot_disagreement", "precond_drift")
 
@@ -105,13 +105,16 @@ def _sweep_row(r: dict) -> dict:
 
 def flagged(trust: list[dict], naive_ppl: float, scale: float) -> dict:
     """A run's verdict from fut-subspace's own indicators (FLAG_* above) and the values it is based on: the skill
-    score 1 − Σ err² / Σ effect² with err = scale × indicator and the effect as estimated."""
-    effect = sum((t["est_ppl"] - naive_ppl) ** 2 for t in trust) or 1e-30
-    predicted = 1 - scale ** 2 * sum(t["error_indicator_ppl"] ** 2 for t in trust) / effect
+    score 1 − Σ err² / Σ effect² with err = scale × indicator and the effect as estimated. A run with a diverged
+    estimate is flagged whatever its other orders say."""
+    finite = [t for t in trust if t["est_ppl"] is not None and t["error_indicator_ppl"] is not None]
+    effect = sum((t["est_ppl"] - naive_ppl) ** 2 for t in finite) or 1e-30
+    predicted = 1 - scale ** 2 * sum(t["error_indicator_ppl"] ** 2 for t in finite) / effect
     drift = float(np.median([t["precond_drift"] for t in trust])) if trust else 0.0
-    return {"predicted_r2": predicted, "precond_drift": drift,
+    diverged = len(trust) - len(finite)
+    return {"predicted_r2": predicted, "precond_drift": drift, "diverged": diverged,
             "knot_disagreement": float(np.median([t["knot_disagreement"] for t in trust])) if trust else 0.0,
-            "flagged": predicted < FLAG_SKILL or drift > FLAG_DRIFT}
+            "flagged": predicted < FLAG_SKILL or drift > FLAG_DRIFT or diverged > 0}
 
 
 def error_proxy(estimates: dict, sweeps_dir: Path, stale: list[str]) -> dict:
@@ -131,6 +134,7 @@ def error_proxy(estimates: dict, sweeps_dir: Path, stale: list[str]) -> dict:
         r2 = r["methods"][r["default_method"]]["families"]["all"]["r2_order_effect"]
         points[r["point"]] = {**flagged(trust, float(np.exp(r["naive_eval_loss"])), scale), "r2_order_effect": r2,
                               "failing": r2 is None or r2 < 0.5}
+    pairs = [p for p in pairs if p["abs_error_ppl"] is not None]     # a diverged estimate has no error to rank
     err = [p["abs_error_ppl"] for p in pairs]
     default = flagged(block.get("test_pairs", []), float(np.exp(estimates["naive_eval_loss"])), scale)
     return {"method": block.get("method"), "scale": scale, "n_orders": len(pairs), "n_runs": 1 + len(points),

@@ -362,15 +362,23 @@ def summary_lines(s: dict) -> list[str]:
             "bias is the mean signed error in PPL; intervals in the tables below.", "",
             *table(rows, ["family", "orders", "R² vs naive", "Spearman", "bias PPL", "mean abs ΔPPL",
                           "naive mean abs ΔPPL"]), "",
-            f"Per order it takes {fmt(s.get('default_seconds_per_order'))} s end to end against a retrain of "
-            f"{fmt(s.get('retrain_seconds_per_order'))} s ({fmt(s.get('speedup_per_order'))}× faster); its one-time cache "
-            f"breaks even after {fmt(s.get('break_even_orders'))} orders, and scoring 1,000 orders from scratch is "
-            f"{fmt(scratch)}× faster than retraining them. In one batched call it scores "
-            f"{fmt(s.get('estimator_orders_per_second'))} orders per second; its additive surrogate for searches scores "
-            f"{fmt(s.get('surrogate_orders_per_second'))} per second with R² {fmt(s.get('surrogate_random_r2'))} on the "
+            f"Per order it takes {sig(s.get('default_seconds_per_order'))} s end to end against a retrain of "
+            f"{sig(s.get('retrain_seconds_per_order'))} s ({sig(s.get('speedup_per_order'))}× faster); its one-time cache "
+            f"breaks even after {sig(s.get('break_even_orders'))} orders, and scoring 1,000 orders from scratch is "
+            f"{sig(scratch)}× faster than retraining them. In one batched call it scores "
+            f"{sig(s.get('estimator_orders_per_second'))} orders per second; its additive surrogate for searches scores "
+            f"{sig(s.get('surrogate_orders_per_second'))} per second with R² {sig(s.get('surrogate_random_r2'))} on the "
             "test random orders.", "",
             f"Provenance: commit `{s['commit']}`, hash of the params the estimates depend on `{s.get('params_hash')}`, device `{s.get('device')}`, "
             f"estimated at {s.get('measured_at')}.", ""]
+
+
+def sig(x: float | None, digits: int = 3) -> str:
+    """`x` to `digits` significant digits, with thousands separators (for numbers in running text)."""
+    if x is None or not math.isfinite(x) or x == 0:
+        return fmt(x)
+    places = digits - 1 - math.floor(math.log10(abs(x)))
+    return f"{round(x, places):,.{max(places, 0)}f}"
 
 
 def build(reports: Path, headline: dict | None = None) -> str:

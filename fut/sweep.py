@@ -23,6 +23,7 @@ from pathlib import Path
 from . import config, estimators, protocol
 from .config import SWEEP_KNOBS, Params
 from .estimators import EstimationContext
+from .evaluation import finite_or_none, ppl_or_none
 from .reference import ReferenceRun
 from .stages import cache as cache_stage, groundtruth as groundtruth_stage, prepare as prepare_stage
 from .stages import projection as projection_stage, reference as reference_stage
@@ -94,9 +95,8 @@ def run_point(params: Params, key: str, name: str, work_dir: Path, out_file: Pat
         estimates[method] = dict(zip(named, est.eval_loss.double().tolist()))
         seconds[method] = est.seconds / len(named)
         if method == params.estimate.default and est.indicators:
-            trust = [{"order": n, "est_ppl": math.exp(estimates[method][n]),
-                      "abs_error_ppl": abs(math.exp(estimates[method][n]) - truth[n]["eval_ppl"]),
-                      **{k: v[i] for k, v in est.indicators.items()}} for i, n in enumerate(named)]
+            trust = [trust_row(n, ppl_or_none(estimates[method][n]), truth[n]["eval_ppl"],
+                               {k: v[i] for k, v in est.indicators.items()}) for i, n in enumerate(named)]
     block = protocol.score_block(estimates, {n: truth[n]["eval_loss"] for n in named}, ctx.naive_loss,
                                  params.estimate.bootstrap, 0)
     methods = {m: {"families": {f: {k: v[m][k] for k in SUMMARY} for f, v in block["families"].items() if m in v},
@@ -118,6 +118,12 @@ def run_point(params: Params, key: str, name: str, work_dir: Path, out_file: Pat
     if not keep:   # the cache of one point is gigabytes; its summary is what the sweep keeps
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def trust_row(name: str, est_ppl: float | None, true_ppl: float, indicators: dict) -> dict:
+    """One order's estimate, its true error and its indicators; a diverged estimate keeps None for all three."""
+    return {"order": name, "est_ppl": est_ppl, "abs_error_ppl": None if est_ppl is None else abs(est_ppl - true_ppl),
+            **{k: finite_or_none(v) for k, v in indicators.items()}}
 
 
 def is_done(out_file: Path, key: str) -> bool:

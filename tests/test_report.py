@@ -1,6 +1,6 @@
 """The report lists every figure that exists with a caption, renders the tables it has metrics for, and says
 which metrics are missing."""
-from fut.report import SECTIONS, build, fmt, main
+from fut.report import SECTIONS, build, fmt, main, sig
 from fut.storage import atomic_write_json
 
 
@@ -38,3 +38,8 @@ def test_numbers_are_formatted_for_reading():
     assert fmt(None) == "–" and fmt(float("nan")) == "–" and fmt(True) == "yes"
     assert fmt(920192) == "920,192" and fmt(261.8739) == "261.874" and fmt(2e-6) == "2e-06"
     assert fmt([0.51, 0.886]) == "[0.51, 0.886]"
+
+
+def test_running_text_gives_three_significant_digits():
+    assert [sig(x) for x in (294.8775, 76.596, 5063.91, 0.012164, -0.114, 0.0, None)] == \
+        ["295", "76.6", "5,060", "0.0122", "-0.114", "0", "–"]
