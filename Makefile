@@ -1,6 +1,6 @@
 # The two commands of the README: `make repro` runs the whole pipeline, `make test` runs the tests (as CI does).
 # Both create the environment first if it is missing (a local virtualenv from requirements.txt).
-# `make test-fast` is the edit loop: every test but those marked slow (under 3 minutes on two cores).
+# `make test-fast` is the edit loop: every test but those marked slow (about 3 minutes on two cores).
 # environment.yml's header repeats the set-up steps of `env` for conda; tests/test_environment.py keeps them equal.
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
