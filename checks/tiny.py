@@ -24,7 +24,8 @@ def write_tiny_text(folder: Path) -> Path:
 def tiny_params(text_dir: Path, defaults: Path = ROOT / "params.yaml") -> dict:
     """The params of `defaults`, shrunk to seconds: the two domains of `write_tiny_text(text_dir)`, a 2-layer
     32-wide Llama warm-started long enough that Adam's second moment settles (as in the default run), T = 6
-    batches of 2 sequences, 8 dev and 7 test orders, a 7-shard cache, small applications."""
+    batches of 2 sequences, 8 dev and 7 test orders, a 7-shard cache, small applications, a few sample-level and
+    two-epoch orders."""
     p = yaml.safe_load(Path(defaults).read_text())
     p["corpus"] = {"sources": {
         "genesis": {"kind": "local_text", "path": str(Path(text_dir) / "genesis.txt")},
@@ -45,4 +46,9 @@ def tiny_params(text_dir: Path, defaults: Path = ROOT / "params.yaml") -> dict:
     p["estimate"].update(bootstrap=50, replay_orders=4, expensive_orders=2)
     p["curriculum"].update(population=4, generations=2, elite=1, finalists=2, verify_top=1)
     p["memorization"].update(batches=4, positions=3)
+    p["sample_orders"].update(dev={"random": 2, "domains": 1, "mixed": 1, "easy_to_hard": 1},
+                              test={"random": 3, "domains": 1, "mixed": 1, "hard_to_easy": 1})
+    p["multi_epoch"].update(epochs=[2], dev={"random_reshuffled": 2, "random_repeated": 1, "domains": 1},
+                            test={"random_reshuffled": 3, "random_repeated": 1, "domains": 1,
+                                  "reversed_alternating": 1})
     return p

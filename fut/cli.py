@@ -6,7 +6,11 @@
   python -m fut plan [--params params.yaml] [--no-timing]
   torchrun --nproc-per-node N -m fut cache [--params params.yaml]   (or python -m fut cache)
 
-FILE holds one order per line, comma-separated batch indices. Both print a JSON list, one object per order:
+FILE holds one order per line: comma-separated batch indices (a permutation of the window's T batches, or E·T
+indices in which every batch appears E times: E epochs), or a sample-level order, T batches separated by `;`, each b
+comma-separated indices of the window's sequences (sequence i is the (i mod b)-th of batch i // b; every sequence
+once). One kind per file; `estimate` reads E-epoch orders from the multi_epoch stage's cache and sample-level ones
+from the sample_orders stage's, with fut-subspace (or naive). Both print a JSON list, one object per order:
 {"order": [...], "eval_loss": x, "eval_ppl": y} (plus "method" for estimate); `retrain` shows its progress on
 stderr. `sweep` runs the ablations that need their own reference run (params `sweep`; see fut/sweep.py) and
 writes reports/sweeps/POINT.json. `plan` prints what the cache of these params will cost (files, bytes, gradient
@@ -29,7 +33,8 @@ from tqdm import tqdm
 from . import config
 from .methods import METHODS
 from .evaluation import ppl
-from .orders import OrderError, parse_orders_file
+from .orders import OrderError
+from .schedules import as_units, kind_of, parse_orders_file
 from .storage import ArtefactMismatch
 
 # Refusals of the files a command reads: printed as one line, never as a traceback.
@@ -83,13 +88,18 @@ def _parser() -> argparse.ArgumentParser:
                                     "print them as JSON")):
         p = command(name, help)
         p.add_argument("--orders", required=True, type=Path,
-                       help="file of orders, one per line, comma-separated batch indices (required)")
+                       help="file of orders, one per line: comma-separated batch indices (T, or E·T for E "
+                            "epochs), or T ';'-separated batches of sequence indices (required)")
         stage_dirs(p, cache=name == "estimate")
         if name == "estimate":
             p.add_argument("--method", default=None, choices=METHODS, metavar="METHOD",
                            help=f"the estimator, one of {', '.join(METHODS)} (default: estimate.default in params)")
             p.add_argument("--projection", default=Path("data/projection"), type=Path,
                            help="the projection stage's output (read by tracin and fut:projected only)")
+            p.add_argument("--sample-cache", default=Path("data/sample_orders/cache"), type=Path,
+                           help="the sample_orders stage's per-sequence cache (read for sample-level orders)")
+            p.add_argument("--epochs-cache", default=Path("data/multi_epoch/cache"), type=Path,
+                           help="the multi_epoch stage's caches (read for E-epoch orders)")
     p = command("sweep", "one whole run per value of each sweep knob (params `sweep`)")
     p.add_argument("--corpus", default=Path("data/prepared/corpus"), type=Path,
                    help="the default run's corpus text, one DOMAIN.txt per domain")
@@ -124,10 +134,14 @@ def _refuse(err: Exception, status: int = 2) -> int:
     return status
 
 
-def _orders(path: Path, params: config.Params) -> list[list[int]]:
+def _orders(path: Path, params: config.Params) -> list[list]:
     if not path.is_file():
         raise OrderError(f"--orders {str(path)!r}: file not found; pass a file with one order per line")
-    return parse_orders_file(path.read_text(), params.window.steps, permutation=False)
+    w = params.window
+    try:
+        return parse_orders_file(path.read_text(), w.steps, w.batch_size, permutation=False)
+    except OrderError as err:
+        raise OrderError(f"--orders {str(path)!r}: {err}") from err
 
 
 def _print_json(out: list[dict]) -> int:
@@ -159,14 +173,38 @@ def _estimate(args, params: config.Params) -> int:
     method = args.method or params.estimate.default
     try:
         orders = _orders(args.orders, params)
+        kinds = sorted({kind_of(o, params.window.steps) for o in orders})
+        if len(kinds) > 1:
+            raise OrderError(f"--orders {str(args.orders)!r} mixes kinds of orders ({kinds}); put batch orders, "
+                             "sample-level orders and each number of epochs in files of their own")
+        if kinds[0] != ("batches", 1) and method not in ("fut-subspace", "naive"):
+            raise OrderError(f"--method {method}: sample-level and multi-epoch orders are estimated by "
+                             "fut-subspace (or naive) only")
         ctx = EstimationContext(ReferenceRun(params, args.data, args.reference), args.cache, args.projection)
+        if kinds[0] != ("batches", 1):
+            sub, naive = _beyond_batches(ctx, kinds[0], args)
     except REFUSED as err:
         return _refuse(err)
-    est = estimate(ctx, orders, method, params.estimate.readout, params.estimate.k)
-    trust = est.indicators or {}
+    if kinds[0] == ("batches", 1):
+        est = estimate(ctx, orders, method, params.estimate.readout, params.estimate.k)
+        losses, trust = est.eval_loss.tolist(), est.indicators or {}
+    else:
+        S = sub.replay(as_units(orders))
+        losses = [naive] * len(orders) if method == "naive" else sub.quadratic(S, naive).tolist()
+        trust = {} if method == "naive" else {k: v.tolist() for k, v in sub.indicators(S, naive).items()}
     return _print_json([{"order": o, "method": method, "eval_loss": float(x), "eval_ppl": ppl(float(x)),
                          **({"trust": {k: v[i] for k, v in trust.items()}} if trust else {})}
-                        for i, (o, x) in enumerate(zip(orders, est.eval_loss))])
+                        for i, (o, x) in enumerate(zip(orders, losses))])
+
+
+def _beyond_batches(ctx, kind: tuple[str, int], args):
+    """fut-subspace over sequence units or E epochs, and its naive loss, from the stage that built it."""
+    from .epochs import EpochReference
+    from .sequence_cache import SequenceCache
+
+    if kind[0] == "sequences":
+        return SequenceCache(ctx.cache, args.sample_cache).subspace(), ctx.naive_loss
+    return EpochReference(ctx.cache, kind[1], args.epochs_cache).load()
 
 
 def _cache(args, params: config.Params) -> int:

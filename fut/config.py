@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .methods import DEFAULT, METHODS, parameter_methods, strided_methods
+from .schedules import EPOCH_FAMILIES, SAMPLE_FAMILIES
 
 
 class ConfigError(ValueError):
@@ -410,6 +411,49 @@ class DomainOrderConfig:
         _check(self.verify >= 1, f"{key}.verify", self.verify, "an int >= 1")
 
 
+def _check_families(key: str, counts: dict[str, int], allowed: tuple[str, ...]) -> None:
+    for name, n in counts.items():
+        _check(name in allowed, f"{key}.{name}", n, f"a family of {', '.join(allowed)}")
+        _check(n >= 0, f"{key}.{name}", n, "an int >= 0")
+
+
+@dataclass(frozen=True)
+class SampleOrdersConfig:
+    """Sample-level orders (fut/schedules.py): the window's sequences re-batched. How many dev and test orders
+    of each family are retrained (the test set from its own seed, read only by the final scoring)."""
+    dev: dict[str, int] = field(default_factory=lambda: {"random": 8, "domains": 2, "mixed": 2, "easy_to_hard": 1,
+                                                         "hard_to_easy": 1})
+    test: dict[str, int] = field(default_factory=lambda: {"random": 16, "domains": 4, "mixed": 2,
+                                                          "easy_to_hard": 1, "hard_to_easy": 1})
+    seed: int = 11
+    test_seed: int = 1011
+
+    def validate(self, key: str) -> None:
+        _check_families(f"{key}.dev", self.dev, SAMPLE_FAMILIES)
+        _check_families(f"{key}.test", self.test, SAMPLE_FAMILIES)
+
+
+@dataclass(frozen=True)
+class MultiEpochConfig:
+    """Orders over several epochs of the window (fut/schedules.py): for each E in `epochs`, a reference run of E
+    passes, its fut-subspace cache, and the dev and test orders of each family retrained."""
+    epochs: list[int] = field(default_factory=lambda: [2, 3])
+    dev: dict[str, int] = field(default_factory=lambda: {"random_reshuffled": 4, "random_repeated": 2, "domains": 2,
+                                                         "easy_to_hard": 1, "reversed_alternating": 1})
+    test: dict[str, int] = field(default_factory=lambda: {"random_reshuffled": 8, "random_repeated": 4,
+                                                          "domains": 4, "hard_to_easy": 1,
+                                                          "reversed_alternating": 1})
+    seed: int = 12
+    test_seed: int = 1012
+
+    def validate(self, key: str) -> None:
+        for i, e in enumerate(self.epochs):
+            _check(e >= 2, f"{key}.epochs[{i}]", e, "an int >= 2 (one epoch is the batch-order pipeline)")
+        _check(len(self.epochs) >= 1, f"{key}.epochs", self.epochs, "a non-empty list")
+        _check_families(f"{key}.dev", self.dev, EPOCH_FAMILIES)
+        _check_families(f"{key}.test", self.test, EPOCH_FAMILIES)
+
+
 @dataclass(frozen=True)
 class Params:
     corpus: CorpusConfig
@@ -429,6 +473,8 @@ class Params:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
     domain_order: DomainOrderConfig = field(default_factory=DomainOrderConfig)
+    sample_orders: SampleOrdersConfig = field(default_factory=SampleOrdersConfig)
+    multi_epoch: MultiEpochConfig = field(default_factory=MultiEpochConfig)
 
     def validate(self, key: str) -> None:
         lists = (("estimate.methods", self.estimate.methods), ("sweep.methods", self.sweep.methods),
@@ -443,6 +489,12 @@ class Params:
                 _check(not needs, f"{name}[{i}]", m, f"one of {', '.join(strided_methods())} with "
                        f"cache.checkpoint_stride = {self.cache.checkpoint_stride} and cache.eval_grad_stride = "
                        f"{self.cache.eval_grad_stride} (or set both to 1)")
+
+        beyond = (("sample_orders", any(self.sample_orders.dev.values()) or any(self.sample_orders.test.values())),
+                  ("multi_epoch", bool(self.multi_epoch.epochs)))
+        for name, used in beyond:
+            _check(not used or "domain" in self.cache.curvature, "cache.curvature", self.cache.curvature,
+                   f"a list with 'domain' ({name} replays with fut-subspace, which needs the domain eigenspaces)")
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the named sections: the provenance key of an artefact built from them."""

@@ -26,16 +26,17 @@ from .costs import peak_rss_mb
 from .device import describe_device
 from .distributed import launch, process_group
 from .evaluation import eval_losses, ppl, window_batch_losses
-from .orders import validate_order
 from .reference import ReferenceRun
+from .schedules import validate_any
 from .storage import atomic_write_json, read_json, remove_temporaries
 from .training import Trainer, TrainState, run_window, sequence_losses
 
 log = logging.getLogger(__name__)
 
 # What a retrain can read out beyond the final eval loss: every window batch's loss, every eval sequence's loss
-# (the generalization study), and the eval loss every `eval_every` steps along the window.
-READOUTS = ("batches", "sequences", "trajectory")
+# (the generalization study), every window sequence's loss (memorization of one sequence), and the eval loss
+# every `eval_every` steps along the window.
+READOUTS = ("batches", "sequences", "window_sequences", "trajectory")
 
 
 class Oracle:
@@ -46,9 +47,10 @@ class Oracle:
         self.start = run.start
         self.device = describe_device(run.device)
 
-    def trainer(self, order: Sequence[int], on_step=None, start: TrainState | None = None) -> Trainer:
-        """The window trained in `order` (from the reference's window start, or `start`)."""
-        order = validate_order(order, self.run.T, permutation=False)
+    def trainer(self, order: Sequence, on_step=None, start: TrainState | None = None) -> Trainer:
+        """The window trained in `order` (from the reference's window start, or `start`): batch indices, E·T of
+        them for E epochs, or sample-level batches (fut/schedules.py)."""
+        order = validate_any(order, self.run.T, self.run.batch_size)
         return run_window(self.params, self.prepared, start or self.start, order, on_step=on_step)
 
     def eval_loss(self, order: Sequence[int]) -> float:
@@ -60,7 +62,7 @@ class Oracle:
         """Final eval loss/PPL and per-domain eval losses, plus the `readouts` asked for (see READOUTS), the
         seconds and CPU seconds it took and the process's peak memory."""
         t0, cpu = time.perf_counter(), time.process_time()
-        T, curve = self.run.T, {}
+        T, curve = len(order), {}
 
         def on_step(t: int, trainer: Trainer, loss: float) -> None:
             if eval_every and t % eval_every == 0 and t < T:
@@ -73,6 +75,9 @@ class Oracle:
             out["batch_losses"] = window_batch_losses(trainer, self.prepared)
         if "sequences" in readouts:
             out["eval_sequence_losses"] = sequence_losses(trainer, self.prepared.eval_mixed).tolist()
+        if "window_sequences" in readouts:
+            window = self.prepared.window
+            out["window_sequence_losses"] = sequence_losses(trainer, window.reshape(-1, window.shape[-1])).tolist()
         if "trajectory" in readouts:
             curve[T] = loss
             out["trajectory"] = {"step": list(curve), "eval_loss": list(curve.values())}

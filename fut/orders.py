@@ -30,26 +30,6 @@ def validate_order(order: Sequence[int], steps: int, permutation: bool = True) -
     return order
 
 
-def parse_orders_file(text: str, steps: int, permutation: bool = True) -> list[list[int]]:
-    """One order per line, comma-separated batch indices; blank lines and '#' comments are skipped."""
-    orders = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        try:
-            order = [int(x) for x in line.split(",")]
-        except ValueError as err:
-            raise OrderError(f"line {lineno}: {line!r} is not comma-separated integers") from err
-        try:
-            orders.append(validate_order(order, steps, permutation))
-        except OrderError as err:
-            raise OrderError(f"line {lineno}: {err}") from err
-    if not orders:
-        raise OrderError("the orders file holds no order")
-    return orders
-
-
 def domain_block_orders(window_domains: Sequence[int], n_domains: int, max_orders: int = 24,
                         seed: int = 0) -> dict[str, list[int]]:
     """Orders that train one domain's batches as a block, for every ordering of the domains

@@ -269,6 +269,59 @@ def error_proxy(m: dict) -> tuple[str, list[str]]:
             "point's), and each run's verdict; the indicator's scale was set on the dev orders.", lines)
 
 
+def sample_orders(m: dict) -> tuple[str, list[str]]:
+    lines = ["**Test orders (scored once):**", "", *family_table(m["test"]), "",
+             "**Dev orders:**", "", *family_table(m["dev"]), "",
+             *key_values(m, [("cache_bytes", "sample-level cache, bytes (per-sequence gradients and its subspace)"),
+                             ("cache_seconds", "sample-level cache, build seconds"),
+                             ("batch_cache_bytes", "batch-level cache, bytes (its curvature is shared)"),
+                             ("batch_cache_seconds", "batch-level cache, build seconds"),
+                             ("seconds_per_order", "fut-subspace, seconds per order (batched)"),
+                             ("retrain_seconds_per_order", "retrain, seconds per order (mean of the ground truth)"),
+                             ("error_indicator_spearman_test", "error indicator vs |true error|, Spearman (test)")])]
+    cur = m.get("curriculum") or {}
+    if cur:
+        lines += ["", f"**Curriculum over sample-level orders** (verified by retraining; the dev random re-batchings' "
+                      f"true PPL: mean {fmt(cur['random_true_ppl_mean'])}, best {fmt(cur['random_true_ppl_min'])}; "
+                      f"estimate vs truth over these strategies: Spearman {fmt(cur['spearman_est_true'])}):", "",
+                  *table([[k, v["est_ppl"], v["true_ppl"]] for k, v in sorted(cur["strategies"].items(),
+                                                                          key=lambda kv: kv[1]["true_ppl"])],
+                         ["strategy", "est PPL", "true PPL"])]
+    mem = m.get("memorization") or {}
+    if mem:
+        lines += ["", f"**One sequence's final loss by the step it is trained at** (truth at steps "
+                      f"{mem['true_positions']}): Spearman {fmt(mem['spearman'])}, mean abs error {fmt(mem['mae'])}; "
+                      "loss when trained last minus first:", "",
+                  *table([[i, v["est"], v["true"]] for i, v in mem["effect_last_minus_first"].items()],
+                         ["sequence", "estimated", "true"])]
+    return ("Sample-level orders (the window's sequences re-batched: random, domain-pure blocks, domain-mixed, by "
+            f"difficulty): `{m['method']}` over sequence units against retraining, per family (R² of the order "
+            "effect against naive; 95% bootstrap intervals in brackets).", lines)
+
+
+def multi_epoch(m: dict) -> tuple[str, list[str]]:
+    growth = [[g["epochs"], g.get("random_r2_order_effect"), g.get("random_spearman"), g.get("all_r2_order_effect"),
+               g.get("all_absdiff_ppl"), g.get("naive_absdiff_ppl_all"), g.get("all_bias_ppl")]
+              for g in m["error_growth"]]
+    lines = table(growth, ["epochs", "random R²", "random Spearman", "all R²", "all mean abs ΔPPL",
+                           "naive's mean abs ΔPPL", "all bias PPL"])
+    for e, blk in m["by_epochs"].items():
+        lines += ["", f"**{e} epochs, test orders (scored once):**", "", *family_table(blk["test"]), "",
+                  f"**{e} epochs, dev orders:**", "", *family_table(blk["dev"]), "",
+                  f"Cache: {fmt(blk['cache_bytes'])} bytes, {fmt(blk['cache_seconds'])} s (the E-epoch reference run, "
+                  f"its gradients and the subspace); {fmt(blk['seconds_per_order'])} s per order against a "
+                  f"{fmt(blk['retrain_seconds_per_order'])} s retrain."]
+    d = m.get("domain_order") or {}
+    if d.get("n_orders"):
+        lines += ["", f"**Domain order over {d['epochs']} epochs** ({d['n_orders']} block orders, the same every epoch; "
+                      f"Spearman over the retrained ones {fmt(d['spearman_verified'])}):", "",
+                  *table([[r["sequence"], r["est_rank"], r["est_ppl"], r["true_ppl"]] for r in d["rows"]
+                          if r["true_ppl"] is not None], ["domain order", "est rank", "est PPL", "true PPL"])]
+    return (f"Several epochs: `{m['method']}` over E passes of the window against retraining E-epoch orders (a new "
+            "permutation every epoch, the same one every epoch, domain blocks, difficulty, alternating), and how "
+            "its test error grows with E.", lines)
+
+
 # (section title, metrics file, renderer, figures with captions)
 SECTIONS: list[tuple[str, str, Callable[[dict], tuple[str, list[str]]], dict[str, str]]] = [
     ("Corpus", "prepare.json", corpus, {
@@ -304,6 +357,13 @@ SECTIONS: list[tuple[str, str, Callable[[dict], tuple[str, list[str]]], dict[str
                           "same/other-domain held-out text, true and estimated."}),
     ("Domain order", "domain_order.json", domain_order, {
         "domain_order": "Estimated vs true mixed and per-domain PPL of every domain ordering (blocks)."}),
+    ("Sample-level orders", "sample_orders.json", sample_orders, {
+        "sample_orders": "Estimated vs true PPL of the sample-level dev and test orders, by family; dashed: exact.",
+        "sample_memorization": "One window sequence's final loss by the step it is trained at, estimated (exact "
+                               "readout) and retrained."}),
+    ("Several epochs", "multi_epoch.json", multi_epoch, {
+        "multi_epoch": "Estimated vs true PPL of the E-epoch dev and test orders, one panel per E and split; "
+                       "dashed: exact."}),
 ]
 
 

@@ -51,32 +51,54 @@ class SubspaceSources:
     precond: torch.Tensor                            # P̄ [d]
     precond_drift: float                             # max over steps of the median |P_t / P̄ − 1| (frozen v)
     eval_grad: torch.Tensor                          # ∇L_E(θ_T) [d]
-    lrs: list[float]
-    adam_steps: list[int]                            # the optimizer's step count after window step t
+    lrs: list[float]                                 # η_t of every step S of the replayed run
+    adam_steps: list[int]                            # the optimizer's step count after step t
     hp: AdamHyper
+    # The units whose gradients the basis holds, when they are not the T window batches of one epoch (`groups`
+    # then has one entry per unit): `visits`, the (unit, step) of each own/after-step row in basis order (the
+    # reference trains the unit at that step); `reference`, the units of the reference's batch at each step (its
+    # gradient is their mean). Sample-level orders: units are sequences; several epochs: a batch visited E times.
+    visits: list[tuple[int, int]] | None = None      # default: batch t at step t
+    reference: list[list[int]] | None = None         # default: [[t] for each step]
+    # Each unit's own curvature along its own directions, when a unit's gradient is read again after the order
+    # trained it (several epochs): the domain eigenspace misses how a batch's loss falls after a step on that batch
+    # itself. `own_directions[u]`: basis rows of gradients g_{u,k} of unit u; rows after the eigenspaces hold
+    # h_{u,k} = H_u P̄ g_{u,k}, unit by unit ([Σ_u K_u, d] through `rows`).
+    own_directions: list[list[int]] | None = None
+
+    def unit_visits(self) -> list[tuple[int, int]]:
+        return self.visits if self.visits is not None else [(t, t) for t in range(len(self.lrs))]
+
+    def reference_units(self) -> list[list[int]]:
+        return self.reference if self.reference is not None else [[t] for t in range(len(self.lrs))]
 
 
-def basis_layout(T: int, n_pair_checkpoints: int, ranks: Sequence[int]) -> dict:
-    """Where each kind of basis row starts: pairs (T per pair checkpoint), own gradients (T), after-step
-    gradients (T), then one block per eigenspace."""
-    own0 = n_pair_checkpoints * T
-    after0 = own0 + T
-    offsets, pos = [], after0 + T
+def basis_layout(units: int, n_pair_checkpoints: int, ranks: Sequence[int], visits: int | None = None,
+                 own_curvature: int = 0) -> dict:
+    """Where each kind of basis row starts: pairs (`units` per pair checkpoint), own gradients and after-step
+    gradients (one per visit; default one per unit), one block per eigenspace, then `own_curvature` rows of
+    own-direction curvature."""
+    visits = units if visits is None else visits
+    own0 = n_pair_checkpoints * units
+    after0 = own0 + visits
+    offsets, pos = [], after0 + visits
     for r in ranks:
         offsets.append(pos)
         pos += r
-    return {"own": own0, "after": after0, "eig": offsets, "size": pos}
+    return {"own": own0, "after": after0, "eig": offsets, "curv": pos, "size": pos + own_curvature}
 
 
 @dataclass
 class Subspace:
     """The closed-form replay's matrices. Float64: they are small, and the recursion sums T steps of them."""
     gram: torch.Tensor                   # [N, N] B P̄ Bᵀ
-    forcing: torch.Tensor                # [T, T, N] coefficients (in B) of f_{t,j}; zero where j == t
+    # [S, U, N] coefficients (in B) of f_{t,u} = ĝ(θ_t, u) − g(θ_t, reference batch t) for every step and unit: a
+    # batch of several units forces with their mean; zero for the reference's own batch (one unit)
     eig_keys: list[tuple[int, str]]      # (checkpoint, group) of each eigenspace block, in basis order
     eig_offsets: list[int]               # where each block starts in the basis
     eig_values: list[torch.Tensor]       # [r] per block
-    batch_group: list[int]               # index into the groups of each window batch
+    forcing: torch.Tensor
+    batch_group: list[int]               # index into the groups of each unit (window batch or sequence)
     group_names: list[str]
     step_block: torch.Tensor             # [T, n_groups] eigenspace block in force at step t for each group
     lin: torch.Tensor                    # [N] B P̄ ∇L_E(θ_T)
@@ -88,6 +110,11 @@ class Subspace:
     # Median over the probe orders of |estimate − estimate without the pairs at T| / |estimate − L_T|: how much
     # the estimates lean on the straight-line-plus-curvature model of each gradient's path (0: not measured).
     knot_disagreement: float = 0.0
+    # Own-direction curvature (SubspaceSources.own_directions): the replay adds Σ_k c_{u,k} (g_{u,k}ᵀδ) for the
+    # unit of each step, c_u [U, K, N] the coefficients of (h_{u,l} − UΛUᵀP̄ g_{u,l}) (G P̄ Gᵀ)⁻¹_{lk}, and
+    # g_{u,k}ᵀδ = (B P̄ g_{u,k})ᵀ s read from the Gram matrix's rows `own_rows` [U, K]; None when not used.
+    own_curv: torch.Tensor | None = None
+    own_rows: torch.Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -102,6 +129,8 @@ class Subspace:
                "step_block": self.step_block, "batch_group": torch.tensor(self.batch_group),
                "eig_offsets": torch.tensor(self.eig_offsets), "readout_coef": self.readout_coef}
         out.update({f"eig_values.{i}": v for i, v in enumerate(self.eig_values)})
+        if self.own_curv is not None:
+            out.update({"own_curv": self.own_curv, "own_rows": self.own_rows})
         return out
 
     @classmethod
@@ -111,7 +140,8 @@ class Subspace:
                    eig_offsets=t["eig_offsets"].tolist(), eig_values=[t[f"eig_values.{i}"] for i in range(n_blocks)],
                    batch_group=t["batch_group"].tolist(), group_names=meta["group_names"], step_block=t["step_block"],
                    lin=t["lin"], a=t["a"], b=t["b"], beta1=meta["beta1"], readout_coef=t["readout_coef"],
-                   precond_drift=meta["precond_drift"], knot_disagreement=meta["knot_disagreement"])
+                   precond_drift=meta["precond_drift"], knot_disagreement=meta["knot_disagreement"],
+                   own_curv=t.get("own_curv"), own_rows=t.get("own_rows"))
 
     def metadata(self) -> dict:
         return {"eig_keys": [list(k) for k in self.eig_keys], "group_names": self.group_names, "beta1": self.beta1,
@@ -125,24 +155,34 @@ class Subspace:
         return slice(lo, lo + len(vals)), vals
 
     def replay(self, sigma: torch.Tensor, steps: int | None = None, rank: int | None = None) -> torch.Tensor:
-        """Coefficients s of δ_steps = P̄ Bᵀ s for each order (rows of σ [n, T]) [n, N], float64, with the top
-        `rank` eigenpairs of each eigenspace (default all). The recursion runs in float32 (measured: 3e-7 relative
-        to float64), orders grouped by the curvature group of their batch at each step, so each group's
-        eigenspace block is one matrix product."""
+        """Coefficients s of δ_steps = P̄ Bᵀ s for each order [n, N], float64, with the top `rank` eigenpairs of
+        each eigenspace (default all). An order is a row of σ: [n, S] one unit per step (batch orders), or
+        [n, S, m] m units per step whose mean gradient is the batch's (sample-level orders; the curvature term is
+        the mean of the units' groups' too). The recursion runs in float32 (measured: 3e-7 relative to float64),
+        orders grouped by the curvature group at each step, so each group's eigenspace block is one matrix
+        product."""
         steps = self.steps if steps is None else steps
-        n, dt = sigma.shape[0], torch.float32
+        units = sigma if sigma.dim() == 3 else sigma[:, :, None]
+        n, m, dt = units.shape[0], units.shape[2], torch.float32
         gram, forcing = self.gram.to(dt), self.forcing.to(dt)
         blocks = [(cols, vals.to(dt) * (torch.arange(len(vals)) < (rank or len(vals))), gram[cols].t().contiguous())
                   for cols, vals in (self._curvature_rows(b) for b in range(len(self.eig_values)))]
-        groups = torch.tensor(self.batch_group)[sigma]                 # [n, T]
+        groups = torch.tensor(self.batch_group)[units]                 # [n, S, m]
+        share = torch.stack([(groups == g).sum(2) for g in range(len(self.group_names))], 2).to(dt) / m
+        if self.own_curv is not None:
+            own_curv, own_gram = self.own_curv.to(dt), gram[self.own_rows]          # [U, N] each
         S = torch.zeros(n, self.dim, dtype=dt)
         Q = torch.zeros_like(S)
         for t in range(steps):
-            inc = forcing[t, sigma[:, t]]                                # [n, N], a copy
-            for g in groups[:, t].unique().tolist():
-                rows = (groups[:, t] == g).nonzero().flatten()
+            inc = forcing[t, units[:, t, 0]] if m == 1 else forcing[t][units[:, t]].mean(1)   # [n, N], a copy
+            for g in share[:, t].nonzero()[:, 1].unique().tolist():
+                rows = share[:, t, g].nonzero().flatten()
                 cols, vals, G = blocks[int(self.step_block[t, g])]
-                inc[rows, cols.start: cols.stop] += (S[rows] @ G) * vals  # U δ = (B P̄ Bᵀ)[U rows] s
+                term = (S[rows] @ G) * vals                              # U δ = (B P̄ Bᵀ)[U rows] s
+                inc[rows, cols.start: cols.stop] += term if m == 1 else term * share[rows, t, g, None]
+            if self.own_curv is not None:                              # Σ_k c_{u,k} (g_{u,k}ᵀ δ), batch units
+                u = units[:, t, 0]
+                inc += torch.einsum("nk,nkd->nd", torch.einsum("nkd,nd->nk", own_gram[u], S), own_curv[u])
             Q.mul_(self.beta1).add_(inc, alpha=1 - self.beta1)
             S.mul_(float(self.a[t])).sub_(Q, alpha=float(self.b[t]))
         return S.double()
@@ -183,19 +223,25 @@ class Subspace:
 
 # --- building --------------------------------------------------------------------------------------------
 
-def knots(j: int, pair_checkpoints: Sequence[int]) -> dict[int, tuple[str, int]]:
-    """The points where g(θ_t, B_j) is cached: t -> (kind, index). The own gradient at t = j and the one after
-    its step at t = j + 1 take precedence over a pair at the same checkpoint (the same value, or closer)."""
+def knots(j: int, pair_checkpoints: Sequence[int], visits: Sequence[tuple[int, int]] | None = None
+          ) -> dict[int, tuple[str, int]]:
+    """The points where g(θ_t, u_j) is cached: t -> (kind, index); `visits` are the (row, step) of unit j's
+    own/after rows (default: batch j, trained at step j, row j). The own gradient at each visit s and the one after
+    it at s + 1 take precedence over a pair at the same checkpoint (the same value, or closer); pairs are indexed
+    by their checkpoint, own/after knots by their row."""
     pts: dict[int, tuple[str, int]] = {c: ("pair", c) for c in pair_checkpoints}
-    pts[j] = ("own", j)
-    pts[j + 1] = ("after", j)
+    for row, s in sorted(visits if visits is not None else [(j, j)], key=lambda v: v[1]):
+        pts[s + 1] = ("after", row)
+    for row, s in (visits if visits is not None else [(j, j)]):
+        pts[s] = ("own", row)
     return pts
 
 
-def interpolation(t: int, j: int, pair_checkpoints: Sequence[int]) -> list[tuple[tuple[str, int], float, int]]:
-    """ĝ(θ_t, B_j) as weights on its knots: [(knot, weight, knot's checkpoint)], linear between the knots around
+def interpolation(t: int, j: int, pair_checkpoints: Sequence[int], visits: Sequence[tuple[int, int]] | None = None
+                  ) -> list[tuple[tuple[str, int], float, int]]:
+    """ĝ(θ_t, u_j) as weights on its knots: [(knot, weight, knot's checkpoint)], linear between the knots around
     t (the trajectory's departure from the straight line is the caller's curvature term)."""
-    pts = knots(j, pair_checkpoints)
+    pts = knots(j, pair_checkpoints, visits)
     lo = max(p for p in pts if p <= t)
     above = [p for p in pts if p >= t]
     if lo == t or not above:
@@ -206,18 +252,21 @@ def interpolation(t: int, j: int, pair_checkpoints: Sequence[int]) -> list[tuple
 
 
 def build_subspace(src: SubspaceSources, probe_readout: Callable[[torch.Tensor], torch.Tensor] | None,
-                   base_loss: float, probes: int, seed: int, progress: Callable[[str], None] = lambda s: None
-                   ) -> Subspace:
+                   base_loss: float, probes: int, seed: int, progress: Callable[[str], None] = lambda s: None,
+                   probe_sigma: torch.Tensor | None = None) -> Subspace:
     """The matrices of the closed-form replay, and the quadratic readout's coefficients fitted to
-    `probe_readout(δ [n, d]) -> exact eval losses [n]` on `probes` seeded random and domain-block orders."""
-    T, hp, cks = len(src.lrs), src.hp, list(src.pair_checkpoints)
+    `probe_readout(δ [n, d]) -> exact eval losses [n]` on `probes` seeded random and domain-block orders (or on
+    `probe_sigma`, orders of the units, where the units are not one epoch's batches)."""
+    S_, hp, cks = len(src.lrs), src.hp, list(src.pair_checkpoints)
+    U, visits = len(src.groups), src.unit_visits()
     group_names = sorted(set(src.groups))
-    layout = basis_layout(T, len(cks), [len(v) for v in src.eigen_values])
+    layout = basis_layout(U, len(cks), [len(v) for v in src.eigen_values], len(visits),
+                          sum(map(len, src.own_directions or [])))
     N, offsets = layout["size"], layout["eig"]
-    thetas = torch.stack([src.theta(t) for t in range(T + 1)])          # [T+1, d]
+    thetas = torch.stack([src.theta(t) for t in range(S_ + 1)])         # [S+1, d]
     gram = torch.zeros(N, N, dtype=torch.float64)
     lin = torch.zeros(N, dtype=torch.float64)
-    proj = [torch.zeros(len(v), T + 1, dtype=torch.float64) for v in src.eigen_values]   # U θ_t per eigenspace
+    proj = [torch.zeros(len(v), S_ + 1, dtype=torch.float64) for v in src.eigen_values]   # U θ_t per eigenspace
     progress(f"subspace: Gram matrix of {N} basis vectors, {src.chunk} parameters at a time")
     for a in range(0, src.dim, src.chunk):
         cols = slice(a, min(a + src.chunk, src.dim))
@@ -233,53 +282,93 @@ def build_subspace(src: SubspaceSources, probe_readout: Callable[[torch.Tensor],
         return max((i for i, (c, gg) in enumerate(src.eigen_keys) if gg == g and c <= t),
                    key=lambda i: src.eigen_keys[i][0])
 
-    forcing = _forcing(T, N, cks, cks, src.groups, layout, block_at, [v.double() for v in src.eigen_values], proj)
-    bc2_mid = 1 - hp.beta2 ** src.adam_steps[T // 2]
+    units = Units(src.groups, visits, src.reference_units(), layout)
+    forcing = _forcing(S_, N, cks, cks, units, block_at, [v.double() for v in src.eigen_values], proj)
+    bc2_mid = 1 - hp.beta2 ** src.adam_steps[S_ // 2]
     b = torch.tensor([src.lrs[t] / (1 - hp.beta1 ** src.adam_steps[t])
-                      * math.sqrt((1 - hp.beta2 ** src.adam_steps[t]) / bc2_mid) for t in range(T)], dtype=torch.float64)
+                      * math.sqrt((1 - hp.beta2 ** src.adam_steps[t]) / bc2_mid) for t in range(S_)], dtype=torch.float64)
     a = torch.tensor([1 - lr * hp.weight_decay for lr in src.lrs], dtype=torch.float64)
     sub = Subspace(gram=gram, forcing=forcing, eig_keys=list(src.eigen_keys), eig_offsets=offsets,
                    eig_values=[v.double() for v in src.eigen_values],
                    batch_group=[group_names.index(g) for g in src.groups], group_names=group_names,
-                   step_block=torch.tensor([[block_at(t, g) for g in group_names] for t in range(T)]),
+                   step_block=torch.tensor([[block_at(t, g) for g in group_names] for t in range(S_)]),
                    lin=lin, a=a, b=b, beta1=hp.beta1, readout_coef=torch.zeros(len(group_names) + 1, dtype=torch.float64),
                    precond_drift=src.precond_drift)
-    if probe_readout is not None and probes > 0:
-        progress(f"subspace: quadratic readout fitted to the exact readout of {probes} probe orders")
-        S = sub.replay(torch.tensor(probe_orders(T, src.groups, probes, seed)))
+    if src.own_directions:
+        sub.own_rows, sub.own_curv = _own_curvature(gram, src.own_directions, layout, src.groups, block_at,
+                                                     [v.double() for v in src.eigen_values])
+    given = probe_sigma is not None
+    if not given:
+        probe_sigma = torch.tensor(probe_orders(S_, src.groups, probes, seed))
+    if probe_readout is not None and len(probe_sigma) > 0:
+        progress(f"subspace: quadratic readout fitted to the exact readout of {len(probe_sigma)} probe orders")
+        S = sub.replay(probe_sigma)
         exact = probe_readout(delta(S, src.rows, src.precond, src.dim, src.chunk)).double()
         f = sub.readout_features(S)
         sub.readout_coef = torch.linalg.lstsq(f[:, 1:], (exact - base_loss - f[:, 0])[:, None]).solution.flatten()
-    if T in cks and len(cks) > 1:
-        progress("subspace: knot disagreement (the estimate without the pairs at T) on the probe orders")
-        inner = [c for c in cks if c != T]
-        alt = type(sub)(**{**sub.__dict__, "forcing": _forcing(T, N, cks, inner, src.groups, layout, block_at,
-                                                                 sub.eig_values, proj)})
-        sigma = torch.tensor(probe_orders(T, src.groups, max(probes, 16), seed))
+    sigma = probe_sigma if given or len(probe_sigma) >= 16 else torch.tensor(probe_orders(S_, src.groups, 16, seed))
+    if S_ in cks and len(cks) > 1 and len(sigma) > 0:
+        progress("subspace: knot disagreement (the estimate without the pairs at the end) on the probe orders")
+        inner = [c for c in cks if c != S_]
+        alt = type(sub)(**{**sub.__dict__, "forcing": _forcing(S_, N, cks, inner, units, block_at, sub.eig_values,
+                                                                 proj)})
         est, other = sub.quadratic(sub.replay(sigma), base_loss), sub.quadratic(alt.replay(sigma), base_loss)
         sub.knot_disagreement = float(((est - other).abs() / (est - base_loss).abs().clamp_min(1e-12)).median())
     return sub
 
 
-def _forcing(T: int, N: int, cks: list[int], knot_checkpoints: list[int], groups: Sequence[str], layout: dict,
+def _own_curvature(gram: torch.Tensor, directions: list[list[int]], layout: dict, groups: Sequence[str],
+                   block_at: Callable[[int, str], int], eig_values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of each unit's directions g_{u,k} [U, K] and the coefficients c_u [U, K, N] of
+    (h_{u,l} − UΛUᵀ P̄ g_{u,l}) (G_u P̄ G_uᵀ)⁻¹_{lk}: with them H_u δ ≈ UΛUᵀδ + Σ_k c_{u,k} g_{u,k}ᵀδ is exact for δ
+    in the span of the P̄ g_{u,k} (where steps on u move the parameters)."""
+    rows = torch.tensor(directions)
+    U, K = rows.shape
+    coef = torch.zeros(U, K, gram.shape[0], dtype=torch.float64)
+    for u in range(U):
+        block = block_at(0, groups[u])
+        lo, vals = layout["eig"][block], eig_values[block]
+        for k, r in enumerate(directions[u]):
+            coef[u, k, layout["curv"] + u * K + k] = 1.0
+            coef[u, k, lo: lo + len(vals)] -= vals * gram[lo: lo + len(vals), r]     # U P̄ g from the Gram matrix
+        mix = torch.linalg.inv(gram[rows[u]][:, rows[u]])                            # (G P̄ Gᵀ)⁻¹, symmetric
+        coef[u] = mix @ coef[u]
+    return rows, coef
+
+
+@dataclass
+class Units:
+    """The basis's units (fut/subspace.py SubspaceSources): each one's curvature group, the (unit, step) of each
+    own/after row, the reference's units at each step, and the basis layout."""
+    groups: Sequence[str]
+    visits: list[tuple[int, int]]
+    reference: list[list[int]]
+    layout: dict
+
+    def visits_of(self, u: int) -> list[tuple[int, int]]:
+        return [(row, s) for row, (uu, s) in enumerate(self.visits) if uu == u]
+
+
+def _forcing(S: int, N: int, cks: list[int], knot_checkpoints: list[int], units: Units,
              block_at: Callable[[int, str], int], eig_values: list[torch.Tensor], proj: list[torch.Tensor]
              ) -> torch.Tensor:
-    """f_{t,j} in basis coefficients [T, T, N]: ĝ(θ_t, B_j) interpolated between its knots (pairs at
-    `knot_checkpoints` only, a subset of the basis's `cks`) plus H (θ_t − θ_lin(t)), minus the own gradient."""
-    forcing = torch.zeros(T, T, N, dtype=torch.float64)
-    for t in range(T):
-        for j in range(T):
-            if j == t:
-                continue
-            block = block_at(t, groups[j])
+    """f_{t,u} in basis coefficients [S, U, N]: ĝ(θ_t, u) interpolated between its knots (pairs at
+    `knot_checkpoints` only, a subset of the basis's `cks`) plus H (θ_t − θ_lin(t)), minus the mean of the same
+    for the reference's units at t (their knot at t is their own gradient, so that is the reference gradient)."""
+    U, layout = len(units.groups), units.layout
+    visits = [units.visits_of(u) for u in range(U)]
+    forcing = torch.zeros(S, U, N, dtype=torch.float64)
+    for t in range(S):
+        for u in range(U):
+            block = block_at(t, units.groups[u])
             vals, p = eig_values[block], proj[block]
             line = torch.zeros_like(p[:, 0])
-            for (kind, idx), w, at in interpolation(t, j, knot_checkpoints):
-                forcing[t, j, cks.index(idx) * T + j if kind == "pair" else layout[kind] + idx] += w
+            for (kind, idx), w, at in interpolation(t, u, knot_checkpoints, visits[u]):
+                forcing[t, u, cks.index(idx) * U + u if kind == "pair" else layout[kind] + idx] += w
                 line += w * p[:, at]
             lo = layout["eig"][block]
-            forcing[t, j, lo: lo + len(vals)] += vals * (p[:, t] - line)     # H (θ_t − θ_lin(t))
-            forcing[t, j, layout["own"] + t] -= 1.0
+            forcing[t, u, lo: lo + len(vals)] += vals * (p[:, t] - line)     # H (θ_t − θ_lin(t))
+        forcing[t] -= forcing[t, units.reference[t]].mean(0)
     return forcing
 
 

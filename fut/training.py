@@ -16,6 +16,7 @@ from .config import ConfigError, Params, Schedule
 from .data import Prepared
 from .device import autocast, resolve_device
 from .model import build_model
+from .schedules import batch_tensors
 
 
 class NonFiniteError(FloatingPointError):
@@ -61,10 +62,11 @@ def lr_factor(schedule: Schedule, step: int, total: int) -> float:
     return 1.0 - 0.9 * frac
 
 
-def window_lrs(params: Params) -> list[float]:
-    """η_t for every window step, as the estimators need it."""
+def window_lrs(params: Params, epochs: int = 1) -> list[float]:
+    """η_t for every window step (of `epochs` passes, the schedule spanning them all), as the estimators need it."""
     w = params.window
-    return [w.lr * lr_factor(w.schedule, t, w.steps) for t in range(w.steps)]
+    total = w.steps * epochs
+    return [w.lr * lr_factor(w.schedule, t, total) for t in range(total)]
 
 
 class Trainer:
@@ -173,14 +175,17 @@ def warm_start(params: Params, prepared: Prepared, progress: bool = True) -> tup
 StepHook = Callable[[int, Trainer, float], None]
 
 
-def run_window(params: Params, prepared: Prepared, start: TrainState, order: Sequence[int],
+def run_window(params: Params, prepared: Prepared, start: TrainState, order: Sequence,
                on_step: StepHook | None = None, progress: bool = False, first_step: int = 0) -> Trainer:
-    """Train the window in `order` (batch indices) from `start`; `on_step(t, trainer, loss)` after step t.
-    `first_step` > 0 continues a window from the state after that many steps (`order` is then the rest)."""
+    """Train the window in `order` from `start`: batch indices (E·T of them for E epochs, the lr schedule spanning
+    them all) or sample-level batches of sequence indices (fut/schedules.py); `on_step(t, trainer, loss)` after
+    step t. `first_step` > 0 continues a window from the state after that many steps (`order` is then the rest)."""
     w = params.window
-    trainer = Trainer(params, prepared, start, w.lr, w.schedule, w.steps, first_step=first_step)
-    for t, j in enumerate(tqdm(order, desc="window", disable=not progress), start=first_step + 1):
-        loss = trainer.step(prepared.window[j])
+    batches = batch_tensors(list(order), prepared.window)
+    total = max(w.steps, first_step + len(batches))
+    trainer = Trainer(params, prepared, start, w.lr, w.schedule, total, first_step=first_step)
+    for t, batch in enumerate(tqdm(batches, desc="window", disable=not progress), start=first_step + 1):
+        loss = trainer.step(batch)
         if on_step is not None:
             on_step(t, trainer, loss)
     return trainer

@@ -62,6 +62,9 @@ def test_retrain_and_estimate_print_comparable_json(cli):
     ("0,1,2\n", "line 1: order has 3 entries; window.steps = 6"),
     ("0,1,2,3,4,9\n", "order[5] = 9 is not a batch index; allowed: integers 0..5"),
     ("0,1,x,3,4,5\n", "is not comma-separated integers"),
+    ("0,1,2,3,4,5\n0,1;2,3;4,5;6,7;8,9;10,0\n", "line 2: sequence 0 appears twice (batches 0 and 5)"),
+    ("0,1;2,3;4,5;6,7;8,9;10\n", "line 1: batch 5 has 1 sequences; window.batch_size = 2"),
+    ("0,1,2,3,4,5,0,1,2,3,4,4\n", "line 1: order holds batch 4 3 times; 2 epochs require"),
 ])
 def test_invalid_orders_are_refused_before_any_work(cli, text, needle):
     run, _ = cli
@@ -70,7 +73,18 @@ def test_invalid_orders_are_refused_before_any_work(cli, text, needle):
         assert proc.returncode == 2 and needle in proc.stderr and proc.stdout == ""
 
 @pytest.mark.slow
+def test_orders_beyond_batches_need_their_stage_and_fut_subspace(cli, files):
+    run, T = cli
+    two_epochs = ",".join(map(str, list(range(T)) * 2)) + "\n"
+    proc = run("estimate", two_epochs, "--epochs-cache", str(files.root / "no-epochs"))
+    assert proc.returncode == 2 and "no 2-epoch cache; run the multi_epoch stage" in proc.stderr
+    proc = run("estimate", two_epochs, "--method", "fut-state:eig")
+    assert proc.returncode == 2 and "estimated by fut-subspace (or naive) only" in proc.stderr
+    proc = run("estimate", ",".join(map(str, range(T))) + "\n" + two_epochs)
+    assert proc.returncode == 2 and "mixes kinds of orders" in proc.stderr
 
+
+@pytest.mark.slow
 def test_unknown_method_is_refused_with_the_allowed_names(cli):
     run, T = cli
     proc = run("estimate", ",".join(map(str, range(T))), "--method", "magic")

@@ -1,6 +1,6 @@
 import pytest
 
-from fut.orders import OrderError, domain_block_orders, groundtruth_orders, parse_orders_file, validate_order
+from fut.orders import OrderError, domain_block_orders, groundtruth_orders, validate_order
 
 
 @pytest.mark.parametrize("order, needle", [
@@ -18,16 +18,6 @@ def test_invalid_orders_are_refused_clearly(order, needle):
 
 def test_repeats_allowed_for_multi_epoch_orders():
     assert validate_order([0, 0, 1, 1], 4, permutation=False) == [0, 0, 1, 1]
-
-
-def test_orders_file_parsing_names_the_line():
-    assert parse_orders_file("# header\n0,1,2\n\n2, 1, 0\n", 3) == [[0, 1, 2], [2, 1, 0]]
-    with pytest.raises(OrderError, match="line 2: order repeats batch 0"):
-        parse_orders_file("0,1,2\n0,0,1\n", 3)
-    with pytest.raises(OrderError, match="line 1: 'a,b' is not comma-separated integers"):
-        parse_orders_file("a,b\n", 2)
-    with pytest.raises(OrderError, match="holds no order"):
-        parse_orders_file("# nothing\n", 2)
 
 
 def test_domain_blocks_cover_every_domain_ordering():

@@ -65,7 +65,7 @@ def test_dvc_repro_builds_every_stage(repo):
     assert cache["plan"]["bytes"] == sum(v for k, v in cache["bytes"].items() if k != "total_file_bytes")
     assert metrics("projection")["projector"]["k"] == 64
     for nb in ("01_prepare", "02_reference", "03_groundtruth", "04_cache", "05_estimate", "06_ablations",
-               "07_curriculum", "08_memorization", "09_domain_order"):
+               "07_curriculum", "08_memorization", "09_domain_order", "10_sample_orders", "11_multi_epoch"):
         executed = json.loads((dest / f"reports/notebooks/{nb}.ipynb").read_text())
         assert any(c.get("outputs") for c in executed["cells"]), nb
         assert "IProgress" not in json.dumps(executed), nb                # no widget warning in the notebooks
@@ -77,6 +77,15 @@ def test_dvc_repro_builds_every_stage(repo):
     assert {"mse", "mae", "spearman"} <= set(mem["estimators"][default])
     assert metrics("domain_order")["n_orders"] == 2
     assert set(metrics("error_proxy")) >= {"spearman_with_true_error", "n_orders", "flagged", "failing"}
+    keys = {"spearman", "kendall", "r2_order_effect", "bias_ppl", "absdiff_ppl", "rel_err", "n"}
+    for name, n_dev, n_test in (("sample_orders", 5, 6), ("multi_epoch", 4, 6)):
+        m = metrics(name)
+        assert m["dev"]["n_orders"] == n_dev and m["test"]["n_orders"] == n_test, name
+        assert keys <= set(m["test"]["families"]["random"]["fut-subspace"]) and m["cache_bytes"] > 0, name
+        assert m["cache_seconds"] > 0, name
+    assert metrics("multi_epoch")["epochs"] == 2 and metrics("multi_epoch")["domain_order"]["n_orders"] == 2
+    sample = metrics("sample_orders")
+    assert "search_best" in sample["curriculum"]["strategies"] and sample["memorization"]["rows"]
     summary = metrics("summary")
     assert summary["default_method"] == default and set(summary["test"]) >= {"random", "all"}
     readme = (dest / "reports/README.md").read_text()
@@ -91,7 +100,8 @@ def test_dvc_repro_builds_every_stage(repo):
         fh.write("# an edit\n")
     changed = _run(["dvc", "status", "--json"], dest, env)
     stale = set(json.loads(changed))
-    assert {"cache", "estimate", "ablations", "curriculum", "memorization", "domain_order"} <= stale
+    assert {"cache", "estimate", "ablations", "curriculum", "memorization", "domain_order", "sample_orders",
+            "multi_epoch"} <= stale
     assert not stale & {"prepare", "reference", "groundtruth"}, stale
     _run(["git", "checkout", "--", "fut/subspace.py"], dest, env)
 

@@ -142,3 +142,144 @@ def test_knot_disagreement_vanishes_where_the_curvature_explains_each_gradients_
     linear = build_subspace(SubspaceSources(**{**src.__dict__, "rows": lambda cols: basis[:, cols]}), None, 0.0, 0, 0)
     assert linear.knot_disagreement < 1e-4         # float32 replay: ~1e-6 relative
 
+
+
+# --- units beyond one epoch's batches: sequences (sample-level orders) and batches visited E times -----------
+
+def unit_sources(units: int, steps: int, visits, reference, groups, seed: int = 1, own_curvature: bool = False):
+    """Synthetic sources over `units` with own/after rows per visit, pairs at 0 and `steps` (and, with
+    `own_curvature`, a row h_u per unit: its Hessian along its own preconditioned gradient)."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen)
+    raw = {"pairs": {c: rnd(units, D) for c in (0, steps)}, "own": rnd(len(visits), D), "after": rnd(len(visits), D),
+           "thetas": rnd(steps + 1, D), "eigen": {}, "curv": rnd(units, D)}
+    for g in sorted(set(groups)):
+        q, _ = torch.linalg.qr(rnd(D, R))
+        raw["eigen"][(0, g)] = (torch.rand(R, generator=gen) * 5 + 1, q.t().contiguous())
+    keys = sorted(raw["eigen"])
+    basis = torch.cat([raw["pairs"][c] for c in (0, steps)] + [raw["own"], raw["after"]]
+                      + [raw["eigen"][k][1] for k in keys] + ([raw["curv"]] if own_curvature else []))
+    src = SubspaceSources(pair_checkpoints=[0, steps], eigen_keys=keys, eigen_values=[raw["eigen"][k][0] for k in keys],
+                          groups=list(groups), rows=lambda cols: basis[:, cols], dim=D, chunk=7,
+                          theta=lambda t: raw["thetas"][t], precond=torch.rand(D, generator=gen) + 0.5,
+                          precond_drift=0.0, eval_grad=rnd(D), lrs=[0.01] * steps,
+                          adam_steps=[100 + t + 1 for t in range(steps)], hp=HP, visits=visits, reference=reference,
+                          own_directions=[[u] for u in range(units)] if own_curvature else None)
+    return src, raw
+
+
+def unit_recursion(src: SubspaceSources, raw: dict, order: list[list[int]]) -> torch.Tensor:
+    """The full-space recursion over units, written out: a step's gradient is the mean over its units of each
+    unit's interpolated gradient plus its group's curvature term, minus the same for the reference's units."""
+    steps = len(src.lrs)
+    bc2_mid = 1 - HP.beta2 ** src.adam_steps[steps // 2]
+    visits = {u: [(row, s) for row, (uu, s) in enumerate(src.visits) if uu == u] for u in range(len(src.groups))}
+    delta_, mu = torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+    P = src.precond.double()
+
+    def g_hat(t: int, u: int) -> torch.Tensor:
+        vals, vecs = (x.double() for x in raw["eigen"][(0, src.groups[u])])
+        out, line = torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+        for (kind, idx), w, at in interpolation(t, u, src.pair_checkpoints, visits[u]):
+            out += w * {"pair": lambda: raw["pairs"][idx][u], "own": lambda: raw["own"][idx],
+                        "after": lambda: raw["after"][idx]}[kind]().double()
+            line += w * raw["thetas"][at].double()
+        return out + vecs.t() @ (vals * (vecs @ (raw["thetas"][t].double() - line)))
+
+    def curvature(u: int, x: torch.Tensor) -> torch.Tensor:
+        vals, vecs = (y.double() for y in raw["eigen"][(0, src.groups[u])])
+        out = vecs.t() @ (vals * (vecs @ x))
+        if src.own_directions:         # exact along P̄ g_u: H_u P̄ g_u = h_u
+            g = raw["pairs"][0][u].double()
+            pg = P * g
+            out += (raw["curv"][u].double() - vecs.t() @ (vals * (vecs @ pg))) * (g @ x) / (g @ pg)
+        return out
+
+    for t, batch in enumerate(order):
+        force = torch.stack([g_hat(t, u) for u in batch]).mean(0) - torch.stack(
+            [g_hat(t, u) for u in src.reference[t]]).mean(0)
+        mu = HP.beta1 * mu + (1 - HP.beta1) * (force + torch.stack([curvature(u, delta_) for u in batch]).mean(0))
+        n = src.adam_steps[t]
+        b = src.lrs[t] / (1 - HP.beta1 ** n) * math.sqrt((1 - HP.beta2 ** n) / bc2_mid)
+        delta_ = (1 - src.lrs[t] * HP.weight_decay) * delta_ - b * P * mu
+    return delta_
+
+
+def test_sample_level_replay_is_the_full_space_recursion_over_sequences():
+    """Sequences as units (3 batches of 2, domains a, b, a): re-batchings, domain-mixed ones included, replay as
+    the recursion in full space; the reference's own batches give δ = 0 exactly."""
+    steps, b = 3, 2
+    n = steps * b
+    groups = ["a", "a", "b", "b", "a", "a"]
+    src, raw = unit_sources(n, steps, [(i, i // b) for i in range(n)], [[j * b, j * b + 1] for j in range(steps)],
+                            groups)
+    sub = build_subspace(src, None, 0.0, 0, 0, probe_sigma=torch.zeros(0, steps, b, dtype=torch.long))
+    orders = [[[4, 5], [0, 1], [2, 3]], [[0, 2], [1, 4], [3, 5]], [[5, 3], [1, 0], [2, 4]]]
+    S = sub.replay(torch.tensor(orders))
+    got = delta(S, src.rows, src.precond, D, src.chunk).double()
+    for i, order in enumerate(orders):
+        want = unit_recursion(src, raw, order)
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    identity = sub.replay(torch.tensor([[[1, 0], [2, 3], [5, 4]]]))      # order within a batch is immaterial
+    assert torch.count_nonzero(identity) == 0
+
+
+def test_multi_epoch_replay_is_the_full_space_recursion_and_exact_on_the_reference():
+    """Batches visited twice (T = 3, E = 2): every visit is a knot; the reference order twice gives δ = 0."""
+    steps, epochs = 3, 2
+    S_ = steps * epochs
+    src, raw = unit_sources(steps, S_, [(t % steps, t) for t in range(S_)], [[t % steps] for t in range(S_)],
+                            ["a", "b", "a"])
+    sub = build_subspace(src, None, 0.0, 0, 0, probe_sigma=torch.zeros(0, S_, dtype=torch.long))
+    orders = [[2, 1, 0, 2, 1, 0], [1, 0, 2, 0, 2, 1], [0, 1, 2, 2, 1, 0]]
+    S = sub.replay(torch.tensor(orders))
+    got = delta(S, src.rows, src.precond, D, src.chunk).double()
+    for i, order in enumerate(orders):
+        want = unit_recursion(src, raw, [[j] for j in order])
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert torch.count_nonzero(sub.replay(torch.tensor([[0, 1, 2, 0, 1, 2]]))) == 0
+
+
+def test_whole_batch_sample_orders_replay_as_the_batch_orders():
+    """When each batch's rows are the means of its sequences' rows, re-ordering whole batches as sample-level
+    orders gives the batch-level replay's δ (the estimator over sequences generalizes the one over batches)."""
+    steps, b = 3, 2
+    n = steps * b
+    seq_groups = ["a", "a", "b", "b", "a", "a"]
+    seq_src, raw = unit_sources(n, steps, [(i, i // b) for i in range(n)], [[j * b, j * b + 1] for j in range(steps)],
+                                seq_groups)
+    mean = lambda x: x.reshape(steps, b, D).mean(1)
+    basis = torch.cat([mean(raw["pairs"][c]) for c in (0, steps)] + [mean(raw["own"]), mean(raw["after"])]
+                      + [raw["eigen"][k][1] for k in seq_src.eigen_keys])
+    batch_src = SubspaceSources(**{**seq_src.__dict__, "groups": seq_groups[::b], "rows": lambda cols: basis[:, cols],
+                                   "visits": None, "reference": None})
+    seq_sub = build_subspace(seq_src, None, 0.0, 0, 0, probe_sigma=torch.zeros(0, steps, b, dtype=torch.long))
+    batch_sub = build_subspace(batch_src, None, 0.0, 0, 0)
+    for order in ([2, 0, 1], [1, 2, 0], [2, 1, 0]):
+        as_seqs = [[j * b + k for k in range(b)] for j in order]
+        a = delta(seq_sub.replay(torch.tensor([as_seqs])), seq_src.rows, seq_src.precond, D, 7)[0]
+        c = delta(batch_sub.replay(torch.tensor([order])), batch_src.rows, batch_src.precond, D, 7)[0]
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6 * float(c.abs().max()))
+
+
+def test_own_direction_curvature_replays_as_the_recursion_and_is_exact_along_it():
+    """Batches visited twice with each batch's own curvature h_u = H_u P̄ g_u: the replay is the full-space
+    recursion with H_u δ = UΛUᵀδ + c_u g_uᵀδ, which returns h_u for δ = P̄ g_u."""
+    steps, epochs = 3, 2
+    S_ = steps * epochs
+    src, raw = unit_sources(steps, S_, [(t % steps, t) for t in range(S_)], [[t % steps] for t in range(S_)],
+                            ["a", "b", "a"], own_curvature=True)
+    sub = build_subspace(src, None, 0.0, 0, 0, probe_sigma=torch.zeros(0, S_, dtype=torch.long))
+    plain = build_subspace(SubspaceSources(**{**src.__dict__, "own_directions": None,
+                                              "rows": lambda cols: src.rows(cols)[:-steps]}), None, 0.0, 0, 0,
+                           probe_sigma=torch.zeros(0, S_, dtype=torch.long))
+    orders = [[2, 1, 0, 2, 1, 0], [1, 0, 2, 0, 2, 1]]
+    S = sub.replay(torch.tensor(orders))
+    got = delta(S, src.rows, src.precond, D, src.chunk).double()
+    for i, order in enumerate(orders):
+        want = unit_recursion(src, raw, [[j] for j in order])
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    other = delta(plain.replay(torch.tensor(orders)), lambda cols: src.rows(cols)[:-steps], src.precond, D,
+                  src.chunk).double()
+    assert float((other - got).abs().max()) > 1e-4 * float(got.abs().max())     # the term changes δ (lr 0.01: ~1e-3)
+    assert torch.count_nonzero(sub.replay(torch.tensor([[0, 1, 2, 0, 1, 2]]))) == 0

@@ -1,0 +1,163 @@
+"""Several epochs: the reference run of E passes over the window, and fut-subspace's matrices for its orders.
+
+The E-epoch reference trains the window's batches in their order E times from the window start (the one-epoch
+reference's, through `run_window`). Its fut-subspace basis has the units of the one-epoch one, each batch visited E
+times: the pairs g(θ_c, B_j) for every batch at c = 0 and E·T, each step's own gradient g(θ_t, B_{t mod T}) and the
+gradient right after it g(θ_{t+1}, B_{t mod T}) (a batch's gradient path has 2E knots between the pairs), the
+batch-level cache's domain eigenspaces at checkpoint 0 (θ_0 is the same), and each batch's Hessian along its own
+preconditioned gradient (fut/subspace.py `own_directions`). Adam's preconditioner is frozen at the
+E-epoch run's mid-point. The trajectory and the gradients are made in memory (E·T steps take seconds); the stored
+file, <dir>/epochs_<E>.safetensors, holds the replay's matrices with its provenance and the reference's final eval
+loss, and is rebuilt when either differs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .cache import BASIS_FLOATS, UpdateCache, batch_group
+from .device import autocast
+from .schedules import as_units, epoch_order_set
+from .storage import ArtefactMismatch, load_tensors, read_metadata, save_tensors
+from .subspace import Subspace, SubspaceSources, build_subspace
+from .training import run_window, window_lrs
+
+log = logging.getLogger(__name__)
+
+
+def epoch_path(out_dir: Path, epochs: int) -> Path:
+    return Path(out_dir) / f"epochs_{epochs}.safetensors"
+
+
+def epoch_checkpoints(steps: int, epochs: int) -> list[int]:
+    """The pair checkpoints: the start and the end of the E-epoch run."""
+    return [0, steps * epochs]
+
+
+def reference_order(steps: int, epochs: int) -> list[int]:
+    """The E-epoch reference: the window's batches in their order, E times."""
+    return list(range(steps)) * epochs
+
+
+class EpochReference:
+    """The E-epoch reference run of `store`'s window, and its fut-subspace (built once, then read back)."""
+
+    def __init__(self, store: UpdateCache, epochs: int, out_dir: Path):
+        self.store, self.run, self.params, self.E = store, store.run, store.params, epochs
+        self.T = self.run.T
+        self.steps = self.T * epochs
+        self.path = epoch_path(out_dir, epochs)
+        self.meta = {**store.provenance, "kind": "epochs", "epochs": epochs}
+
+    def load(self) -> tuple[Subspace, float]:
+        """The stored subspace and the E-epoch reference's final eval loss (for estimates: nothing is built)."""
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} not found: no {self.E}-epoch cache; run the multi_epoch stage with "
+                                    f"{self.E} in multi_epoch.epochs (dvc repro multi_epoch)")
+        tensors, meta = load_tensors(self.path, self.meta)
+        return Subspace.from_tensors(tensors, meta["subspace"]), meta["record"]["eval_loss"]
+
+    def load_or_build(self) -> tuple[Subspace, dict]:
+        """The subspace and the run's record (final eval loss, build seconds)."""
+        if self.path.is_file():
+            try:
+                tensors, meta = load_tensors(self.path, self.meta)
+                return Subspace.from_tensors(tensors, meta["subspace"]), meta["record"]
+            except ArtefactMismatch as err:
+                log.warning("%s will be rebuilt: %s", self.path.name, err)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        sub, record = self._build()
+        save_tensors(self.path, sub.tensors(), {**self.meta, "subspace": sub.metadata(), "record": record})
+        return sub, record
+
+    def trajectory(self) -> tuple[list[torch.Tensor], list[torch.Tensor], float, float]:
+        """The E-epoch reference run: θ_t for t = 0..E·T and Adam's preconditioner after each step (flat, on the
+        CPU), the final eval loss (as the batch-level naive estimate reads it) and the seconds it took."""
+        run, hp, layout = self.run, self.run.hp, self.run.layout
+        t0 = time.perf_counter()
+        thetas, preconds = [run.theta(0).cpu()], []
+
+        def on_step(t: int, trainer, loss: float) -> None:
+            st = trainer.state()
+            thetas.append(layout.flatten(st.theta))
+            v_hat = layout.flatten(st.v) / (1 - hp.beta2 ** st.adam_step)
+            preconds.append(1 / (v_hat.sqrt() + hp.eps))
+
+        log.info("%d-epoch reference run (%d steps)", self.E, self.steps)
+        run_window(self.params, run.prepared, run.start, reference_order(self.T, self.E), on_step=on_step)
+        final_loss = run.loss_on(thetas[self.steps], run.prepared.eval_mixed)
+        return thetas, preconds, final_loss, time.perf_counter() - t0
+
+    def sources(self, thetas: list[torch.Tensor], preconds: list[torch.Tensor],
+                pair_checkpoints: list[int]) -> SubspaceSources:
+        """fut-subspace's sources over the E-epoch run: pairs at `pair_checkpoints`, every step's own and
+        after-step gradient, the batch-level cache's eigenspaces at checkpoint 0, and each batch's Hessian along its
+        own preconditioned gradient at θ_0, H_j P̄ g(θ_0, B_j): a batch is trained again after the order trained it,
+        and the domain eigenspace misses how its loss falls after a step on it (chosen on the dev orders: with it the
+        2-epoch random orders' R² went from 0.45 to 0.67; at every visit instead of θ_0, 0.60). The basis is held in
+        memory.
+        """
+        run, p, T, S = self.run, self.params, self.T, self.steps
+        prepared = run.prepared
+        window = prepared.window.to(run.device)
+
+        def grad(t: int, j: int) -> torch.Tensor:
+            with autocast(p.train, run.device):
+                return run.loss.grad(thetas[t].to(run.device), window[j]).cpu().float()
+
+        pairs = [torch.stack([grad(c, j) for j in range(T)]) for c in pair_checkpoints]
+        own = torch.stack([grad(t, t % T) for t in range(S)])
+        after = torch.stack([grad(t + 1, t % T) for t in range(S)])
+        with autocast(p.train, run.device):
+            eval_grad = run.loss.grad(thetas[S].to(run.device), prepared.eval_mixed.to(run.device)).cpu().float()
+        keys = [(c, g) for c, g in self.store.eigen_keys() if c == 0]     # cache.curvature_checkpoints holds 0
+        eigen = [self.store.eigen(c, g) for c, g in keys]
+        mid = preconds[S // 2]
+        first = pairs[pair_checkpoints.index(0)]
+        with autocast(p.train, run.device):
+            curv = torch.stack([run.loss.hvp(thetas[0].to(run.device), window[j],
+                                             (mid * first[j]).to(run.device)[None])[0].cpu().float() for j in range(T)])
+        basis = torch.cat(pairs + [own, after] + [vecs for _, vecs in eigen] + [curv])
+        drift = max(float((q / mid - 1).abs().median()) for q in preconds)
+        return SubspaceSources(
+            pair_checkpoints=list(pair_checkpoints), eigen_keys=keys, eigen_values=[v for v, _ in eigen],
+            groups=[batch_group(prepared, j) for j in range(T)], rows=lambda cols: basis[:, cols],
+            dim=run.layout.dim, chunk=max(1, BASIS_FLOATS // len(basis)), theta=lambda t: thetas[t], precond=mid,
+            precond_drift=drift, eval_grad=eval_grad, lrs=window_lrs(p, self.E),
+            adam_steps=[run.start.adam_step + t + 1 for t in range(S)], hp=run.hp,
+            visits=[(t % T, t) for t in range(S)], reference=[[t % T] for t in range(S)],
+            own_directions=[[pair_checkpoints.index(0) * T + j] for j in range(T)])
+
+    def exact_readout(self, theta_S: torch.Tensor):
+        """δ [n, d] -> the eval losses at θ_{E·T} + δ (the exact readout)."""
+        run = self.run
+        theta_S, eval_seqs = theta_S.to(run.device), run.prepared.eval_mixed.to(run.device)
+        return lambda deltas: torch.tensor([run.loss_on(theta_S + d.to(run.device), eval_seqs) for d in deltas])
+
+    def probe_orders(self) -> torch.Tensor:
+        c = self.params.cache
+        probes = epoch_order_set(self.T, self.E, self.run.prepared.window_domains, [0.0] * self.T,
+                                 {"random_reshuffled": c.probes - c.probes // 4, "domains": c.probes // 4}, c.seed)
+        return as_units(list(probes.values()))
+
+    def _build(self) -> tuple[Subspace, dict]:
+        thetas, preconds, final_loss, train_seconds = self.trajectory()
+        t1 = time.perf_counter()
+        src = self.sources(thetas, preconds, epoch_checkpoints(self.T, self.E))
+        grad_seconds = time.perf_counter() - t1
+        c = self.params.cache
+        sub = build_subspace(src, self.exact_readout(thetas[self.steps]), final_loss, c.probes, c.seed,
+                             progress=log.info, probe_sigma=self.probe_orders())
+        record = {"eval_loss": final_loss, "train_seconds": train_seconds, "grad_seconds": grad_seconds,
+                  "subspace_seconds": time.perf_counter() - t1 - grad_seconds,
+                  "gradients": self.T * len(src.pair_checkpoints) + 2 * self.steps + 1, "hvps": self.T}
+        return sub, record
+
+    def bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def record(self) -> dict:
+        return read_metadata(self.path)["record"]

@@ -1,0 +1,76 @@
+"""Sample-level and multi-epoch orders on the tiny run: the reference's own batches re-expressed as a sample-level
+order, and the E-epoch reference order, retrain bit for bit to the reference and are estimated as the reference
+exactly; the studies produce the validity issue's blocks and their applications."""
+import pytest
+import torch
+
+from fut.epochs import EpochReference, reference_order
+from fut.estimators import EstimationContext
+from fut.groundtruth import Oracle
+from fut.multi_epoch import multi_epoch
+from fut.reference import ReferenceRun
+from fut.sample_orders import sample_orders
+from fut.schedules import as_units, sequence_batches
+from fut.sequence_cache import SequenceCache
+
+KEYS = {"spearman", "kendall", "r2_order_effect", "bias_ppl", "absdiff_ppl", "rel_err", "n"}
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_truth):
+    params, data_dir, ref_dir, cache_dir, _ = tiny_truth
+    return EstimationContext(ReferenceRun(params, data_dir, ref_dir), cache_dir)
+
+
+def flat_params(trainer) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+
+
+def test_reference_batches_as_a_sample_level_order_retrain_bitwise(ctx):
+    oracle = Oracle(ctx.run)
+    T, b = ctx.T, ctx.run.batch_size
+    assert torch.equal(flat_params(oracle.trainer(sequence_batches(T, b))), flat_params(oracle.trainer(range(T))))
+    shuffled_within = [list(reversed(batch)) for batch in sequence_batches(T, b)]      # same batches, other rows
+    moved = flat_params(oracle.trainer(shuffled_within)) - flat_params(oracle.trainer(range(T)))
+    assert float(moved.abs().max()) < 1e-5                   # a batch's mean: only the summation order differs
+
+
+def test_sample_level_cache_estimates_the_reference_batches_exactly(ctx, tmp_path):
+    cache = SequenceCache(ctx.cache, tmp_path / "cache")
+    sub = cache.build(progress=False)
+    T, b = ctx.T, ctx.run.batch_size
+    S = sub.replay(as_units([sequence_batches(T, b)]))
+    assert torch.count_nonzero(S) == 0 and float(sub.quadratic(S, ctx.naive_loss)[0]) == ctx.naive_loss
+    again = SequenceCache(ctx.cache, tmp_path / "cache")           # a rerun reuses every file
+    stamps = {p: p.stat().st_mtime_ns for p in again.files()}
+    again.build(progress=False)
+    assert {p: p.stat().st_mtime_ns for p in again.files()} == stamps
+    assert torch.equal(again.subspace().gram, sub.gram)
+
+
+def test_epoch_reference_is_the_retrain_of_its_order_and_its_estimate_is_exact(ctx, tmp_path):
+    ref = EpochReference(ctx.cache, 2, tmp_path)
+    sub, record = ref.load_or_build()
+    trainer = Oracle(ctx.run).trainer(reference_order(ctx.T, 2))
+    theta = ctx.run.layout.flatten(trainer.state().theta)
+    assert record["eval_loss"] == ctx.run.loss_on(theta, ctx.prepared.eval_mixed)
+    S = sub.replay(as_units([reference_order(ctx.T, 2)]))
+    assert torch.count_nonzero(S) == 0
+    loaded, naive = EpochReference(ctx.cache, 2, tmp_path).load()
+    assert naive == record["eval_loss"] and torch.equal(loaded.forcing, sub.forcing)
+
+
+def test_the_studies_report_blocks_costs_and_applications(tiny_truth, tmp_path):
+    params, data_dir, ref_dir, cache_dir, _ = tiny_truth
+    rows, m = sample_orders(params, data_dir, ref_dir, cache_dir, tmp_path / "sample")
+    for split in ("dev", "test"):
+        assert KEYS <= set(m[split]["families"]["all"]["fut-subspace"])
+    assert m["test"]["families"]["all"]["naive"]["r2_order_effect"] == 0.0
+    assert m["cache_bytes"] > 0 and m["cache_seconds"] > 0 and m["batch_cache_bytes"] > 0
+    assert {r["split"] for r in rows} == {"dev", "test"}
+    assert "search_best" in m["curriculum"]["strategies"] and m["memorization"]["rows"]
+    rows, m = multi_epoch(params, data_dir, ref_dir, cache_dir, tmp_path / "epochs")
+    assert m["epochs"] == params.multi_epoch.epochs[0] and [g["epochs"] for g in m["error_growth"]] == \
+        params.multi_epoch.epochs
+    assert KEYS <= set(m["test"]["families"]["random"]["fut-subspace"]) and m["cache_bytes"] > 0
+    assert m["domain_order"]["n_orders"] == 2
