@@ -571,15 +571,9 @@ class UpdateCache:
 
     def build_cost(self) -> dict[str, float]:
         """Total one-time cost, summed over the files' own records (true across resumed and distributed builds)."""
-        cost = {"grad_seconds": 0.0, "eval_grad_seconds": 0.0, "curvature_seconds": 0.0, "subspace_seconds": 0.0}
-        gradients = 0
-        for path in self.paths():
-            meta = read_metadata(path)
-            gradients += meta.get("gradients", 0)
-            for key, sec in meta["build"].items():
-                cost[key] += sec
-        return {**cost, "seconds": sum(cost.values()), "gradients": gradients,
-                "seconds_per_gradient": cost["grad_seconds"] / max(gradients, 1)}
+        cost = recorded_cost(self.paths(), ("grad_seconds", "eval_grad_seconds", "curvature_seconds",
+                                            "subspace_seconds"))
+        return {**cost, "seconds_per_gradient": cost["grad_seconds"] / max(cost["gradients"], 1)}
 
     def bytes(self) -> dict[str, int]:
         sizes = {"grad": 0, "eval_grad": 0, "curvature": 0, "subspace": 0}
@@ -595,6 +589,18 @@ class UpdateCache:
         sizes["total_file_bytes"] = sum(p.stat().st_size for p in self.paths())
         return sizes
 
+
+
+def recorded_cost(paths: list[Path], keys: tuple[str, ...]) -> dict:
+    """The build seconds of `keys` and the gradients, summed over what each file's metadata records."""
+    cost = dict.fromkeys(keys, 0.0)
+    gradients = 0
+    for path in paths:
+        meta = read_metadata(path)
+        gradients += meta.get("gradients", 0)
+        for key, sec in meta["build"].items():
+            cost[key] += sec
+    return {**cost, "seconds": sum(cost.values()), "gradients": gradients}
 
 
 def main(argv: list[str] | None = None) -> int:

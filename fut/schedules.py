@@ -201,12 +201,18 @@ def sample_order_set(steps: int, batch_size: int, window_domains: Sequence[int],
             "easy_to_hard": lambda: by_difficulty(True), "hard_to_easy": lambda: by_difficulty(False)}
     if min(window_domains) < 0:
         counts = {k: v for k, v in counts.items() if k not in ("domains", "mixed")}
+    return _draw_named(draw, counts, "sample-level", prefix)
+
+
+def _draw_named(draw: dict, counts: dict[str, int], kind_of_orders: str, prefix: str) -> dict[str, list]:
+    """`counts[kind]` orders drawn by `draw[kind]`, named PREFIX + KIND-NNN (`random_x` named `random-x`, so its
+    family is random)."""
     out = {}
     for kind, k in counts.items():
         if kind not in draw:
-            raise OrderError(f"sample-level order family {kind!r}; allowed: {', '.join(draw)}")
+            raise OrderError(f"{kind_of_orders} order family {kind!r}; allowed: {', '.join(draw)}")
         for i in range(k):
-            out[f"{prefix}{kind}-{i:03d}"] = draw[kind]()
+            out[f"{prefix}{kind.replace('random_', 'random-')}-{i:03d}"] = draw[kind]()
     return out
 
 
@@ -246,10 +252,4 @@ def epoch_order_set(steps: int, epochs: int, window_domains: Sequence[int], batc
                                              for j in (range(steps) if e % 2 == 0 else reversed(range(steps)))]}
     if min(window_domains) < 0 or len(by_domain) < 2:
         counts = {k: v for k, v in counts.items() if k != "domains"}
-    out = {}
-    for kind, k in counts.items():
-        if kind not in draw:
-            raise OrderError(f"multi-epoch order family {kind!r}; allowed: {', '.join(draw)}")
-        for i in range(k):
-            out[f"{prefix}{kind.replace('random_', 'random-')}-{i:03d}"] = draw[kind]()
-    return out
+    return _draw_named(draw, counts, "multi-epoch", prefix)

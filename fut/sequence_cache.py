@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .cache import DTYPES, BASIS_FLOATS, UpdateCache, batch_group
+from .cache import BASIS_FLOATS, DTYPES, UpdateCache, batch_group, recorded_cost
 from .device import autocast
 from .schedules import as_units, sample_order_set, sequence_batches
 from .storage import ArtefactMismatch, load_tensors, read_metadata, remove_temporaries, save_tensors
@@ -152,12 +152,5 @@ class SequenceCache:
 
     def cost(self) -> dict:
         """Build seconds and bytes, summed over the files' own records."""
-        seconds = {"grad_seconds": 0.0, "subspace_seconds": 0.0}
-        gradients = 0
-        for path in self.files():
-            meta = read_metadata(path)
-            gradients += meta.get("gradients", 0)
-            for key, sec in meta["build"].items():
-                seconds[key] += sec
-        return {**seconds, "seconds": sum(seconds.values()), "gradients": gradients,
+        return {**recorded_cost(self.files(), ("grad_seconds", "subspace_seconds")),
                 "bytes": sum(p.stat().st_size for p in self.files())}
