@@ -207,6 +207,23 @@ def test_scaling_points_span_the_tokens_and_model_sizes_the_benchmark_claims(tmp
     assert 0.5e6 < n_params[0] < 2e6 and 15e6 < n_params[-1] < 25e6   # about 1M to 20M parameters
 
 
+def test_epoch_curvature_scores_both_replays_on_the_dev_orders_only(artefacts, tiny_truth, tmp_path):
+    from fut.multi_epoch import multi_epoch
+    params, data_dir, ref_dir, cache_dir, _ = tiny_truth
+    multi_epoch(params, data_dir, ref_dir, cache_dir, tmp_path / "me")
+    common, a = artefacts
+    out = tmp_path / "epoch_curvature.json"
+    printed = run_script("epoch_curvature.py", *common, "--cache", a["cache"], "--multi-epoch", str(tmp_path / "me"),
+                         "--out", str(out))
+    r = json.loads(out.read_text())
+    E = params.multi_epoch.epochs[0]
+    keys = {f"E={E} {c} {k}" for c in ("own curvature at θ_0", "none") for k in ("quadratic", "exact")}
+    assert r["split"] == "dev" and set(r["results"]) == keys and "| R² random |" in printed
+    n_dev = sum(params.multi_epoch.dev.values())
+    assert all(x["all"]["n"] == n_dev for x in r["results"].values())
+    assert r["results"][f"E={E} none exact"] != r["results"][f"E={E} own curvature at θ_0 exact"]
+
+
 def test_pretrained_finetune_saves_the_window_start_as_a_checkpoint_the_pipeline_loads_exactly(tiny, tmp_path):
     spec = importlib.util.spec_from_file_location("pretrained_finetune", ROOT / "benchmarks/pretrained_finetune.py")
     bench = importlib.util.module_from_spec(spec)
