@@ -4,8 +4,6 @@ one every epoch, domain blocks redrawn every epoch, difficulty and alternating o
 with E."""
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 from . import protocol
@@ -14,7 +12,7 @@ from .epochs import EpochReference, reference_order
 from .estimators import EstimationContext
 from .evaluation import ppl
 from .groundtruth import retrain_all
-from .order_study import retrain_and_score
+from .order_study import score_study
 from .orders import domain_block_orders
 from .reference import ReferenceRun
 from .schedules import as_units, epoch_order_set
@@ -72,32 +70,13 @@ def multi_epoch(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, 
         sub, record = ref.load_or_build()
         naive = record["eval_loss"]
         splits = order_sets(params, run, E, batch_losses)
-        estimates, indicator, seconds, n = {}, {}, 0.0, 0
-        for split, orders in splits.items():
-            scored = protocol.scored(orders)
-            t0 = time.perf_counter()
-            S = sub.replay(as_units(list(scored.values())))
-            est = sub.quadratic(S, naive)
-            seconds, n = seconds + time.perf_counter() - t0, n + len(scored)
-            estimates[split] = {"naive": dict.fromkeys(scored, naive),
-                                "fut-subspace": {k: float(e) for k, e in zip(scored, est)}}
-            indicator.update(zip(scored, sub.indicators(S, naive)["error_indicator_ppl"].tolist()))
-        out = retrain_and_score(params, splits, estimates, naive, data_dir, ref_dir, out_dir / "groundtruth" / f"epochs_{E}",
-                                f"{E}-epoch ground truth")
-        mine = [{**r, "epochs": E, "error_indicator_ppl": indicator[r["order"]]} for r in out["rows"]]
-        rows += mine
-        per_order = seconds / max(n, 1)
-        errors = [(r["error_indicator_ppl"], abs(math.exp(r["est_loss"]) - math.exp(r["true_loss"])))
-                  for r in mine if r["split"] == protocol.TEST and r["method"] == "fut-subspace"]
-        by_epochs[str(E)] = {
-            "epochs": E, "naive_eval_loss": naive, protocol.DEV: out[protocol.DEV], protocol.TEST: out[protocol.TEST],
-            "cache_bytes": ref.bytes(), "cache_seconds": record["train_seconds"] + record["grad_seconds"]
-            + record["subspace_seconds"], "cache": record, "seconds_per_order": per_order,
-            "retrain_seconds_per_order": out["retrain_seconds_per_order"],
-            "speedup_per_order": out["retrain_seconds_per_order"] / per_order if per_order > 0 else None,
-            "error_indicator_spearman_test": rank_correlation([e[0] for e in errors], [e[1] for e in errors]),
-            "precond_drift": sub.precond_drift, "knot_disagreement": sub.knot_disagreement}
-        fams = out[protocol.TEST]["families"]
+        mine, scores = score_study(params, sub, naive, splits, data_dir, ref_dir,
+                                   out_dir / "groundtruth" / f"epochs_{E}", f"{E}-epoch ground truth")
+        rows += [{**r, "epochs": E} for r in mine]
+        by_epochs[str(E)] = {"epochs": E, "naive_eval_loss": naive, **scores, "cache_bytes": ref.bytes(),
+                             "cache_seconds": record["train_seconds"] + record["grad_seconds"]
+                             + record["subspace_seconds"], "cache": record}
+        fams = scores[protocol.TEST]["families"]
         growth.append({"epochs": E, **{f"{f}_{k}": fams.get(f, {}).get("fut-subspace", {}).get(k)
                                        for f in ("random", "all")
                                        for k in ("r2_order_effect", "spearman", "absdiff_ppl", "bias_ppl")},

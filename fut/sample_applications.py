@@ -145,7 +145,7 @@ def memorization(params: Params, sub: Subspace, cache: SequenceCache, data_dir: 
     verify = sorted({positions[round(x)] for x in np.linspace(0, len(positions) - 1, m.true_positions)})
     orders = {f"seq{i}-step{p}": placement(T, b, i, p) for i in seqs for p in positions}
     S = sub.replay(as_units(list(orders.values())))
-    deltas = cache.deltas(sub, S)
+    deltas = cache.deltas(S)
     theta_T = run.theta(T)
     flat = run.prepared.window.reshape(T * b, -1)
     est = {name: run.loss_on(theta_T + deltas[k].to(run.device), flat[int(name.split("-")[0][3:])][None])

@@ -4,20 +4,17 @@ retraining them through the reference's code path; and what the sample-level cac
 one."""
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 from . import protocol
 from .config import Params
 from .estimators import EstimationContext
-from .order_study import retrain_and_score
+from .order_study import score_study
 from .orders import family
 from .sample_applications import curriculum, memorization
 from .reference import ReferenceRun
-from .schedules import as_units, sample_order_set, sequence_batches
+from .schedules import sample_order_set, sequence_batches
 from .sequence_cache import SequenceCache
-from .stats import rank_correlation
 from .training import Trainer, sequence_losses
 
 
@@ -49,33 +46,13 @@ def sample_orders(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path
     sub = seq_cache.build()
     losses = start_losses(params, run)
     splits = order_sets(params, run, losses)
-    estimates, indicator, seconds, n = {}, {}, 0.0, 0
-    for split, orders in splits.items():
-        scored = protocol.scored(orders)
-        t0 = time.perf_counter()
-        S = sub.replay(as_units(list(scored.values())))
-        est = sub.quadratic(S, ctx.naive_loss)
-        seconds, n = seconds + time.perf_counter() - t0, n + len(scored)
-        ind = sub.indicators(S, ctx.naive_loss)["error_indicator_ppl"]
-        estimates[split] = {"naive": dict.fromkeys(scored, ctx.naive_loss),
-                            "fut-subspace": {k: float(e) for k, e in zip(scored, est)}}
-        indicator.update({k: float(x) for k, x in zip(scored, ind)})
-    out = retrain_and_score(params, splits, estimates, ctx.naive_loss, data_dir, ref_dir, gt_dir,
-                            "sample-level ground truth")
-    rows = [{**r, "error_indicator_ppl": indicator[r["order"]]} for r in out["rows"]]
+    rows, scores = score_study(params, sub, ctx.naive_loss, splits, data_dir, ref_dir, gt_dir,
+                               "sample-level ground truth")
     cost, batch = seq_cache.cost(), ctx.cache
-    per_order = seconds / max(n, 1)
-    errors = [(r["error_indicator_ppl"], abs(math.exp(r["est_loss"]) - math.exp(r["true_loss"]))) for r in rows if r["split"] == protocol.TEST and r["method"] == "fut-subspace"]
-    metrics = {
-        "method": "fut-subspace", "readout": "quadratic", "naive_eval_loss": ctx.naive_loss,
-        protocol.DEV: out[protocol.DEV], protocol.TEST: out[protocol.TEST],
-        "cache_bytes": cost["bytes"], "cache_seconds": cost["seconds"], "cache": cost,
-        "batch_cache_bytes": batch.bytes()["total_file_bytes"], "batch_cache_seconds": batch.build_cost()["seconds"],
-        "seconds_per_order": per_order, "retrain_seconds_per_order": out["retrain_seconds_per_order"],
-        "speedup_per_order": out["retrain_seconds_per_order"] / per_order if per_order > 0 else None,
-        "error_indicator_spearman_test": rank_correlation([e[0] for e in errors], [e[1] for e in errors]),
-        "precond_drift": sub.precond_drift, "knot_disagreement": sub.knot_disagreement,
-    }
+    metrics = {"method": "fut-subspace", "readout": "quadratic", "naive_eval_loss": ctx.naive_loss, **scores,
+               "cache_bytes": cost["bytes"], "cache_seconds": cost["seconds"], "cache": cost,
+               "batch_cache_bytes": batch.bytes()["total_file_bytes"],
+               "batch_cache_seconds": batch.build_cost()["seconds"]}
     dev = protocol.dev_truth(gt_dir)
     random_truth = [r["eval_loss"] for n, r in dev.items() if family(n) == "random"]
     metrics["curriculum"] = curriculum(params, sub, ctx.naive_loss, run.T, run.batch_size,

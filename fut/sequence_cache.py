@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .cache import BASIS_FLOATS, DTYPES, UpdateCache, batch_group, recorded_cost
+from .cache import BASIS_FLOATS, DTYPES, UpdateCache, batch_group, curvature_path, recorded_cost
 from .device import autocast
 from .schedules import as_units, sample_order_set, sequence_batches
 from .storage import ArtefactMismatch, load_tensors, read_metadata, remove_temporaries, save_tensors
@@ -124,12 +124,14 @@ class SequenceCache:
 
     def rows(self, cols: slice) -> torch.Tensor:
         """The basis B[:, cols] [N, len] float32: pairs, own, after, then the batch-level cache's eigenvectors."""
+        # Slices only: each file's checksums were verified when it was loaded whole (`build`, `sources`).
+        files = [(self.path(f"pairs_{c}.safetensors"), "grad") for c in self.checkpoints] + [
+            (self.path("visits.safetensors"), "own"), (self.path("visits.safetensors"), "after")] + [
+            (curvature_path(self.store.cache_dir, g, c), "eig_vectors") for c, g in self.store.eigen_keys()]
         parts = []
-        for name, tensor in [(f"pairs_{c}.safetensors", "grad") for c in self.checkpoints] + [
-                ("visits.safetensors", "own"), ("visits.safetensors", "after")]:
-            with safe_open(str(self.path(name)), framework="pt") as fh:
+        for path, tensor in files:
+            with safe_open(str(path), framework="pt") as fh:
                 parts.append(fh.get_slice(tensor)[:, cols].float())
-        parts += [self.store.eigen(c, g)[1][:, cols] for c, g in self.store.eigen_keys()]
         return torch.cat(parts)
 
     def _build_subspace(self) -> Subspace:
@@ -145,7 +147,7 @@ class SequenceCache:
         return build_subspace(src, exact, run.loss_on(theta_T, eval_seqs), c.probes, c.seed, progress=log.info,
                               probe_sigma=as_units(list(probes.values())))
 
-    def deltas(self, sub: Subspace, S: torch.Tensor) -> torch.Tensor:
+    def deltas(self, S: torch.Tensor) -> torch.Tensor:
         """δ in full space [n, d] for replay coefficients S (the exact readout)."""
         src = self.sources()
         return delta(S, src.rows, src.precond, src.dim, src.chunk)
