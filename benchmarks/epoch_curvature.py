@@ -1,23 +1,27 @@
-"""What each batch's own-direction curvature buys the multi-epoch replay (fut/epochs.py), on the dev orders only.
+"""What each batch's own-direction curvature buys the multi-epoch replay (fut/epochs.py), on dev orders only.
 
-For each E, the multi_epoch stage's dev orders are estimated by fut-subspace over the E-epoch run with and without
-the rows h_j = H_j P̄ g(θ_0, B_j) (the adopted choice and the plain replay), each read out exactly (θ + δ evaluated)
-and with its quadratic readout fitted on the probe orders, and scored against the stage's retrained dev orders.
-The test orders are not read.
+For each E, dev orders are estimated by fut-subspace over the E-epoch run three ways: with the rows
+h = H_j P̄ g at θ_0 along batch j's pair at 0 and its own and after-step gradients at each of its E visits (the
+adopted choice), along its pair at 0 only, and without own-direction curvature. Each is read out exactly (θ + δ
+evaluated) and with its quadratic readout fitted on the probe orders, and scored against retrained dev orders: the
+multi_epoch stage's, plus `--extra` orders per family drawn from `--seed` + E (not a test seed) and retrained here
+into `--work` (resumable), since the stage's dev set is too small to choose by. The test orders are not read.
 
-    python benchmarks/epoch_curvature.py [--params params.yaml] [--epochs 2 3] [--multi-epoch data/multi_epoch]
+    python benchmarks/epoch_curvature.py [--params params.yaml] [--epochs 2 3] [--extra 10 6 6] [--seed 7000]
 
-Needs the `multi_epoch` stage's output (its dev ground truth, and its caches' folder for their provenance). Prints a table and writes
-benchmarks/results/epoch_curvature.json.
+Needs the `multi_epoch` stage's output (its dev ground truth, and its caches' folder for their provenance). Prints a
+table and writes benchmarks/results/epoch_curvature.json.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -25,11 +29,12 @@ sys.path.insert(0, str(ROOT))
 from fut import config, protocol  # noqa: E402
 from fut.epochs import EpochReference, epoch_checkpoints  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
+from fut.groundtruth import retrain_all  # noqa: E402
 from fut.orders import family  # noqa: E402
 from fut.reference import ReferenceRun  # noqa: E402
-from fut.schedules import as_units  # noqa: E402
+from fut.schedules import as_units, epoch_order_set  # noqa: E402
 from fut.stats import r2_order_effect, rank_correlation  # noqa: E402
-from fut.storage import atomic_write_json  # noqa: E402
+from fut.storage import atomic_write_json, read_json  # noqa: E402
 from fut.subspace import build_subspace, delta  # noqa: E402
 
 
@@ -47,40 +52,64 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", type=Path, default=ROOT / "data/reference")
     ap.add_argument("--cache", type=Path, default=ROOT / "data/cache")
     ap.add_argument("--multi-epoch", type=Path, default=ROOT / "data/multi_epoch", help="the multi_epoch stage's output")
+    ap.add_argument("--extra", type=int, nargs=3, default=[10, 6, 6], metavar=("RESHUFFLED", "REPEATED", "DOMAINS"),
+                    help="extra dev orders retrained here, per family")
+    ap.add_argument("--seed", type=int, default=7000, help="their seed is this plus E (not multi_epoch's seeds)")
+    ap.add_argument("--work", type=Path, default=ROOT / "data/epoch_curvature")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/epoch_curvature.json")
     args = ap.parse_args(argv)
     params = config.load(args.params)
+    if args.seed in (params.multi_epoch.seed, params.multi_epoch.test_seed):
+        ap.error(f"--seed must differ from multi_epoch.seed and multi_epoch.test_seed, got {args.seed}")
     run = ReferenceRun(params, args.data, args.reference)
     ctx = EstimationContext(run, args.cache)
-    c, out, lines = params.cache, {}, []
+    c, out, lines, sizes = params.cache, {}, [], {}
     for E in args.epochs or params.multi_epoch.epochs:
         ref = EpochReference(ctx.cache, E, args.multi_epoch / "cache")
         dev = protocol.dev_truth(args.multi_epoch / "groundtruth" / f"epochs_{E}")
-        names = list(protocol.scored({n: r["order"] for n, r in dev.items()}))
-        truth = np.array([dev[n]["eval_loss"] for n in names])
-        sigma = as_units([dev[n]["order"] for n in names])
-        groups = {"random": [i for i, n in enumerate(names) if family(n) == "random"], "all": list(range(len(names)))}
+        orders = protocol.scored({n: r["order"] for n, r in dev.items()})
+        truth = {n: dev[n]["eval_loss"] for n in orders}
+        counts = dict(zip(("random_reshuffled", "random_repeated", "domains"), args.extra))
+        extra = epoch_order_set(ref.T, E, run.prepared.window_domains,
+                                read_json(args.reference / "summary.json")["batch_losses_start"], counts,
+                                args.seed + E, prefix="extra-")
+        for n, r in retrain_all(params, extra, args.data, args.reference, args.work / f"epochs_{E}", (), 0,
+                                f"extra {E}-epoch dev orders").items():
+            orders[n], truth[n] = extra[n], r["eval_loss"]
+        names = list(orders)
+        y = np.array([truth[n] for n in names])
+        sigma = as_units([orders[n] for n in names])
+        fam = [family(n.removeprefix("extra-")) for n in names]
+        groups = {f: [i for i, x in enumerate(fam) if x == f] for f in ("random", "domain_blocks")}
+        groups["all"] = list(range(len(names)))
         thetas, preconds, naive, _ = ref.trajectory()
-        with_curv = ref.sources(thetas, preconds, epoch_checkpoints(ref.T, E))
-        T = ref.T
-        plain = dataclasses.replace(with_curv, own_directions=None, rows=lambda cols: with_curv.rows(cols)[:-T])
-        exact = ref.exact_readout(thetas[ref.steps])
-        for label, src in (("own curvature at θ_0", with_curv), ("none", plain)):
+        adopted = ref.sources(thetas, preconds, epoch_checkpoints(ref.T, E))
+        T, K = ref.T, len(adopted.own_directions[0])
+        rows = adopted.rows
+        pair_only = dataclasses.replace(adopted, own_directions=[d[:1] for d in adopted.own_directions],
+                                        rows=lambda cols: torch.cat([rows(cols)[:-T * K], rows(cols)[-T * K::K]]))
+        plain = dataclasses.replace(adopted, own_directions=None, rows=lambda cols: rows(cols)[:-T * K])
+        exact = partial(run.eval_losses_at, thetas[ref.steps])
+        for label, src in (("pair and visits", adopted), ("pair at 0", pair_only), ("none", plain)):
             sub = build_subspace(src, exact, naive, c.probes, c.seed, probe_sigma=ref.probe_orders())
             S = sub.replay(sigma)
             readouts = {"quadratic": sub.quadratic(S, naive).numpy(),
                         "exact": exact(delta(S, src.rows, src.precond, src.dim, src.chunk)).numpy()}
             for readout, est in readouts.items():
                 key = f"E={E} {label} {readout}"
-                out[key] = {fam: scores(est, truth, naive, rows) for fam, rows in groups.items()}
-                r, a = out[key]["random"], out[key]["all"]
+                out[key] = {f: scores(est, y, naive, r) for f, r in groups.items()}
+                r, d, a = out[key]["random"], out[key]["domain_blocks"], out[key]["all"]
                 lines.append(f"| {E} | {label} | {readout} | {r['r2_order_effect']:.3f} | {r['spearman']:.3f} | "
-                             f"{r['bias_ppl']:+.3f} | {a['r2_order_effect']:.3f} | {a['bias_ppl']:+.3f} |")
+                             f"{r['bias_ppl']:+.3f} | {d['r2_order_effect']:.3f} | {d['bias_ppl']:+.3f} | "
+                             f"{a['r2_order_effect']:.3f} | {a['bias_ppl']:+.3f} |")
                 print(lines[-1], flush=True)
-    print("| E | curvature | readout | R² random | Spearman random | bias random | R² all | bias all |")
-    print("|---|---|---|---|---|---|---|---|")
+        sizes[E] = {f: len(r) for f, r in groups.items()}
+    print(f"dev orders per E: {sizes}")
+    print("| E | own curvature | readout | R² random | Spearman random | bias random | R² domain blocks | "
+          "bias domain blocks | R² all | bias all |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
-    atomic_write_json(args.out, {"split": "dev", "results": out})
+    atomic_write_json(args.out, {"split": "dev", "extra": counts, "seed": args.seed, "n": sizes, "results": out})
     return 0
 
 

@@ -36,6 +36,7 @@ import logging
 import math
 import sys
 import time
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,13 +354,9 @@ class CacheBuilder:
         checksums verified), and its quadratic readout fitted to the probe orders' exact readouts."""
         t0 = time.perf_counter()
         store = UpdateCache(self.run, self.cache_dir, require_manifest=False)
-        T, eval_seqs = self.T, self.eval_seqs
-        theta_T = self.run.theta(T)
-
-        def exact(deltas: torch.Tensor) -> torch.Tensor:
-            return torch.tensor([self.run.loss_on(theta_T + d.to(self.device), eval_seqs) for d in deltas])
-
-        sub = build_subspace(store.subspace_sources(), exact, self.run.loss_on(theta_T, eval_seqs),
+        theta_T = self.run.theta(self.T)
+        sub = build_subspace(store.subspace_sources(), partial(self.run.eval_losses_at, theta_T),
+                             self.run.loss_on(theta_T, self.eval_seqs),
                              self.params.cache.probes, self.params.cache.seed, progress=log.info)
         self._save(Path(self.cache_dir) / SUBSPACE, sub.tensors(), -1,
                    {"subspace": sub.metadata(), "build": {"subspace_seconds": time.perf_counter() - t0}})

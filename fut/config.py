@@ -421,12 +421,12 @@ def _check_families(key: str, counts: dict[str, int], allowed: tuple[str, ...]) 
 class SampleOrdersConfig:
     """Sample-level orders (fut/schedules.py): the window's sequences re-batched. How many dev and test orders
     of each family are retrained (the test set from its own seed, read only by the final scoring)."""
-    dev: dict[str, int] = field(default_factory=lambda: {"random": 8, "domains": 2, "mixed": 2, "easy_to_hard": 1,
+    dev: dict[str, int] = field(default_factory=lambda: {"random": 16, "domains": 2, "mixed": 2, "easy_to_hard": 1,
                                                          "hard_to_easy": 1})
-    test: dict[str, int] = field(default_factory=lambda: {"random": 16, "domains": 4, "mixed": 2,
+    test: dict[str, int] = field(default_factory=lambda: {"random": 32, "domains": 4, "mixed": 2,
                                                           "easy_to_hard": 1, "hard_to_easy": 1})
     seed: int = 11
-    test_seed: int = 1011
+    test_seed: int = 2011
 
     def validate(self, key: str) -> None:
         _check_families(f"{key}.dev", self.dev, SAMPLE_FAMILIES)

@@ -201,3 +201,8 @@ class ReferenceRun:
         """Mean next-token loss of `seqs` at the flat parameters (on the device, in the training's precision)."""
         with autocast(self.params.train, self.device):
             return float(self.loss.loss(flat.to(self.device), seqs.to(self.device)))
+
+    def eval_losses_at(self, theta: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """The mixed eval set's loss at θ + δ for each row δ of `deltas` [n, d]: fut-subspace's exact readout."""
+        theta, seqs = theta.to(self.device), self.prepared.eval_mixed.to(self.device)
+        return torch.tensor([self.loss_on(theta + d.to(self.device), seqs) for d in deltas])

@@ -9,15 +9,20 @@ rerun keeps the complete ones, so an interrupted build resumes):
                                        in `cache.dtype`;
   visits.safetensors     own   [n, d]  g(θ_j, x_i) for x_i in batch j: at the reference's own step on it;
                          after [n, d]  g(θ_{j+1}, x_i): right after that step (where the gradient jumps);
+  curvature.safetensors  h     [n, d]  H(θ_j, x_i) P̄ g(θ_j, x_i): each sequence's Hessian along its own
+                                       preconditioned gradient at its own step (fut/subspace.py `own_directions`);
   subspace.safetensors   fut-subspace's matrices over the n sequence units, its readout fitted to the exact readout
                          of `cache.probes` sample-level probe orders (random and domain-pure re-batchings).
 The curvature (the domain eigenspaces), Adam's preconditioner and the eval gradient are read from the batch-level
-cache (fut/cache.py): a sequence's curvature group is its batch's domain.
+cache (fut/cache.py): a sequence's curvature group is its batch's domain. The domain eigenspace misses how one
+sequence's own loss falls when a step is taken on it, which is what moving it to another step changes; its own
+curvature row adds that (chosen on dev orders, benchmarks/sequence_curvature.py).
 """
 from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +38,9 @@ from .subspace import Subspace, SubspaceSources, basis_layout, build_subspace, d
 log = logging.getLogger(__name__)
 
 SUBSPACE = "subspace.safetensors"
+CURVATURE = "curvature.safetensors"
+# What the subspace is built from beyond the files' provenance: a subspace of an older layout is rebuilt.
+SUBSPACE_SOURCES = {"own_curvature": "own step"}
 
 
 class SequenceCache:
@@ -51,15 +59,16 @@ class SequenceCache:
         return self.dir / name
 
     def files(self) -> list[Path]:
-        return [self.path(f"pairs_{c}.safetensors") for c in self.checkpoints] + [self.path("visits.safetensors"),
-                                                                                   self.path(SUBSPACE)]
+        return [self.path(f"pairs_{c}.safetensors") for c in self.checkpoints] + [
+            self.path("visits.safetensors"), self.path(CURVATURE), self.path(SUBSPACE)]
 
-    def _load(self, path: Path) -> dict[str, torch.Tensor] | None:
-        """The file's tensors if it is this cache's and intact, else None (it is rebuilt)."""
+    def _load(self, path: Path, expected: dict | None = None) -> dict[str, torch.Tensor] | None:
+        """The file's tensors if it is this cache's (`expected`: more metadata to match) and intact, else None (it
+        is rebuilt)."""
         if not path.is_file():
             return None
         try:
-            return load_tensors(path, self.meta)[0]
+            return load_tensors(path, {**self.meta, **(expected or {})})[0]
         except ArtefactMismatch as err:
             log.warning("sample-level cache file %s will be rebuilt: %s", path.name, err)
             return None
@@ -71,6 +80,18 @@ class SequenceCache:
         for k, i in enumerate(tqdm(seqs, desc=desc, disable=not progress, leave=False)):
             with autocast(self.params.train, self.run.device):
                 out[k] = self.run.loss.grad(theta_at(i), self.sequences[i: i + 1].to(self.run.device)).cpu()
+        return out, time.perf_counter() - t0
+
+    def _own_curvature(self, own: torch.Tensor, progress: bool) -> tuple[torch.Tensor, float]:
+        """[n, d] H(θ_j, x_i) P̄ g(θ_j, x_i) for sequence i of batch j, and the seconds."""
+        precond = self.store.subspace_sources().precond
+        out = torch.empty_like(own)
+        t0 = time.perf_counter()
+        for i in tqdm(range(self.n), desc="own-direction curvature", disable=not progress, leave=False):
+            direction = (precond * own[i].float()).to(self.run.device)[None]
+            with autocast(self.params.train, self.run.device):
+                out[i] = self.run.loss.hvp(self.run.theta(i // self.b), self.sequences[i: i + 1].to(self.run.device),
+                                           direction)[0].cpu()
         return out, time.perf_counter() - t0
 
     def build(self, progress: bool = True) -> Subspace:
@@ -91,12 +112,17 @@ class SequenceCache:
             after, s2 = self._grads(lambda i: self.run.theta(i // self.b + 1), seqs, "after-step gradients", progress)
             save_tensors(path, {"own": own, "after": after},
                          {**self.meta, "build": {"grad_seconds": s1 + s2}, "gradients": 2 * self.n})
+        path = self.path(CURVATURE)
+        if self._load(path) is None:
+            own = self._load(self.path("visits.safetensors"))["own"]
+            h, sec = self._own_curvature(own, progress)
+            save_tensors(path, {"h": h}, {**self.meta, "build": {"hvp_seconds": sec}, "hvps": self.n})
         path = self.path(SUBSPACE)
-        tensors = self._load(path)
+        tensors = self._load(path, SUBSPACE_SOURCES)
         if tensors is None:
             t0 = time.perf_counter()
-            sub = self._build_subspace()
-            save_tensors(path, sub.tensors(), {**self.meta, "subspace": sub.metadata(),
+            sub = self.fit_subspace(self.sources())
+            save_tensors(path, sub.tensors(), {**self.meta, **SUBSPACE_SOURCES, "subspace": sub.metadata(),
                                                "build": {"subspace_seconds": time.perf_counter() - t0}})
             return sub
         return Subspace.from_tensors(tensors, read_metadata(path)["subspace"])
@@ -107,45 +133,47 @@ class SequenceCache:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the sample-level cache is not built; run its stage "
                                     "(dvc repro sample_orders)")
-        tensors, meta = load_tensors(path, self.meta)
+        tensors, meta = load_tensors(path, {**self.meta, **SUBSPACE_SOURCES})
         return Subspace.from_tensors(tensors, meta["subspace"])
 
     def sources(self) -> SubspaceSources:
         """The batch-level cache's sources with the sequences as units: pairs, own and after-step gradients per
-        sequence, the reference's batch t as the mean of its b sequences."""
+        sequence, the reference's batch t as the mean of its b sequences, and each sequence's own-direction
+        curvature along its own-step gradient."""
         base = self.store.subspace_sources()
         keys = base.eigen_keys
-        n_rows = basis_layout(self.n, len(self.checkpoints), [self.params.cache.curvature_rank] * len(keys))["size"]
+        layout = basis_layout(self.n, len(self.checkpoints), [self.params.cache.curvature_rank] * len(keys),
+                              own_curvature=self.n)
         groups = [batch_group(self.run.prepared, i // self.b) for i in range(self.n)]
         return SubspaceSources(**{**base.__dict__, "pair_checkpoints": self.checkpoints, "groups": groups,
-                                  "rows": self.rows, "chunk": max(1, BASIS_FLOATS // n_rows),
+                                  "rows": self.rows, "chunk": max(1, BASIS_FLOATS // layout["size"]),
                                   "visits": [(i, i // self.b) for i in range(self.n)],
-                                  "reference": sequence_batches(self.T, self.b)})
+                                  "reference": sequence_batches(self.T, self.b),
+                                  "own_directions": [[layout["own"] + i] for i in range(self.n)]})
 
     def rows(self, cols: slice) -> torch.Tensor:
-        """The basis B[:, cols] [N, len] float32: pairs, own, after, then the batch-level cache's eigenvectors."""
+        """The basis B[:, cols] [N, len] float32: pairs, own, after, the batch-level cache's eigenvectors, then the
+        own-direction curvature rows."""
         # Slices only: each file's checksums were verified when it was loaded whole (`build`, `sources`).
         files = [(self.path(f"pairs_{c}.safetensors"), "grad") for c in self.checkpoints] + [
             (self.path("visits.safetensors"), "own"), (self.path("visits.safetensors"), "after")] + [
-            (curvature_path(self.store.cache_dir, g, c), "eig_vectors") for c, g in self.store.eigen_keys()]
+            (curvature_path(self.store.cache_dir, g, c), "eig_vectors") for c, g in self.store.eigen_keys()] + [
+            (self.path(CURVATURE), "h")]
         parts = []
         for path, tensor in files:
             with safe_open(str(path), framework="pt") as fh:
                 parts.append(fh.get_slice(tensor)[:, cols].float())
         return torch.cat(parts)
 
-    def _build_subspace(self) -> Subspace:
+    def fit_subspace(self, src: SubspaceSources) -> Subspace:
+        """fut-subspace over `src` (this cache's sources, or a variant of them), its quadratic readout fitted to
+        the exact readout of the sample-level probe orders."""
         run, c = self.run, self.params.cache
-        theta_T, eval_seqs = run.theta(self.T), run.prepared.eval_mixed.to(run.device)
+        theta_T = run.theta(self.T)
         probes = sample_order_set(self.T, self.b, run.prepared.window_domains, [0.0] * self.n,
                                   {"random": c.probes - c.probes // 4, "domains": c.probes // 4}, c.seed)
-
-        def exact(deltas: torch.Tensor) -> torch.Tensor:
-            return torch.tensor([run.loss_on(theta_T + d.to(run.device), eval_seqs) for d in deltas])
-
-        src = self.sources()
-        return build_subspace(src, exact, run.loss_on(theta_T, eval_seqs), c.probes, c.seed, progress=log.info,
-                              probe_sigma=as_units(list(probes.values())))
+        return build_subspace(src, partial(run.eval_losses_at, theta_T), run.loss_on(theta_T, run.prepared.eval_mixed),
+                              c.probes, c.seed, progress=log.info, probe_sigma=as_units(list(probes.values())))
 
     def deltas(self, S: torch.Tensor) -> torch.Tensor:
         """δ in full space [n, d] for replay coefficients S (the exact readout)."""
@@ -154,5 +182,5 @@ class SequenceCache:
 
     def cost(self) -> dict:
         """Build seconds and bytes, summed over the files' own records."""
-        return {**recorded_cost(self.files(), ("grad_seconds", "subspace_seconds")),
+        return {**recorded_cost(self.files(), ("grad_seconds", "hvp_seconds", "subspace_seconds")),
                 "bytes": sum(p.stat().st_size for p in self.files())}

@@ -60,10 +60,11 @@ class SubspaceSources:
     # gradient is their mean). Sample-level orders: units are sequences; several epochs: a batch visited E times.
     visits: list[tuple[int, int]] | None = None      # default: batch t at step t
     reference: list[list[int]] | None = None         # default: [[t] for each step]
-    # Each unit's own curvature along its own directions, when a unit's gradient is read again after the order
-    # trained it (several epochs): the domain eigenspace misses how a batch's loss falls after a step on that batch
-    # itself. `own_directions[u]`: basis rows of gradients g_{u,k} of unit u; rows after the eigenspaces hold
-    # h_{u,k} = H_u P̄ g_{u,k}, unit by unit ([Σ_u K_u, d] through `rows`).
+    # Each unit's own curvature along its own directions, when the order trains a unit at other steps than the
+    # reference (sequences) or reads its gradient again after training it (several epochs): the domain eigenspace
+    # misses how a unit's loss falls after a step on that unit itself. `own_directions[u]`: basis rows of gradients
+    # g_{u,k} of unit u (the same number K for every unit); rows after the eigenspaces hold h_{u,k} = H_u P̄ g_{u,k},
+    # unit by unit ([U·K, d] through `rows`).
     own_directions: list[list[int]] | None = None
 
     def unit_visits(self) -> list[tuple[int, int]]:
@@ -92,18 +93,18 @@ def basis_layout(units: int, n_pair_checkpoints: int, ranks: Sequence[int], visi
 class Subspace:
     """The closed-form replay's matrices. Float64: they are small, and the recursion sums T steps of them."""
     gram: torch.Tensor                   # [N, N] B P̄ Bᵀ
-    # [S, U, N] coefficients (in B) of f_{t,u} = ĝ(θ_t, u) − g(θ_t, reference batch t) for every step and unit: a
-    # batch of several units forces with their mean; zero for the reference's own batch (one unit)
     eig_keys: list[tuple[int, str]]      # (checkpoint, group) of each eigenspace block, in basis order
     eig_offsets: list[int]               # where each block starts in the basis
     eig_values: list[torch.Tensor]       # [r] per block
+    # [S, U, N] coefficients (in B) of f_{t,u} = ĝ(θ_t, u) − g(θ_t, reference batch t) for every step and unit: a
+    # batch of several units forces with their mean; zero for the reference's own batch (one unit)
     forcing: torch.Tensor
     batch_group: list[int]               # index into the groups of each unit (window batch or sequence)
     group_names: list[str]
-    step_block: torch.Tensor             # [T, n_groups] eigenspace block in force at step t for each group
-    lin: torch.Tensor                    # [N] B P̄ ∇L_E(θ_T)
-    a: torch.Tensor                      # [T]
-    b: torch.Tensor                      # [T]
+    step_block: torch.Tensor             # [S, n_groups] eigenspace block in force at step t for each group
+    lin: torch.Tensor                    # [N] B P̄ ∇L_E(θ_S), S the run's last step
+    a: torch.Tensor                      # [S]
+    b: torch.Tensor                      # [S]
     beta1: float
     readout_coef: torch.Tensor           # [n_groups + 1]: c_g per group, then κ (quadratic readout)
     precond_drift: float                 # max over steps of the median |P_t / P̄ − 1|: how stale the frozen v is
@@ -111,8 +112,9 @@ class Subspace:
     # the estimates lean on the straight-line-plus-curvature model of each gradient's path (0: not measured).
     knot_disagreement: float = 0.0
     # Own-direction curvature (SubspaceSources.own_directions): the replay adds Σ_k c_{u,k} (g_{u,k}ᵀδ) for the
-    # unit of each step, c_u [U, K, N] the coefficients of (h_{u,l} − UΛUᵀP̄ g_{u,l}) (G P̄ Gᵀ)⁻¹_{lk}, and
-    # g_{u,k}ᵀδ = (B P̄ g_{u,k})ᵀ s read from the Gram matrix's rows `own_rows` [U, K]; None when not used.
+    # unit of each step (the mean over a batch's units), `own_curv` [U, K, N] the coefficients c_{u,k} of
+    # (h_{u,l} − UΛUᵀP̄ g_{u,l}) (G P̄ Gᵀ)⁺_{lk}, and g_{u,k}ᵀδ = (B P̄ g_{u,k})ᵀ s read from the Gram matrix's rows
+    # `own_rows` [U, K]; None when not used.
     own_curv: torch.Tensor | None = None
     own_rows: torch.Tensor | None = None
 
@@ -180,9 +182,12 @@ class Subspace:
                 cols, vals, G = blocks[int(self.step_block[t, g])]
                 term = (S[rows] @ G) * vals                              # U δ = (B P̄ Bᵀ)[U rows] s
                 inc[rows, cols.start: cols.stop] += term if m == 1 else term * share[rows, t, g, None]
-            if self.own_curv is not None:                              # Σ_k c_{u,k} (g_{u,k}ᵀ δ), batch units
+            if self.own_curv is not None and m == 1:                   # Σ_k c_{u,k} (g_{u,k}ᵀ δ)
                 u = units[:, t, 0]
                 inc += torch.einsum("nk,nkd->nd", torch.einsum("nkd,nd->nk", own_gram[u], S), own_curv[u])
+            elif self.own_curv is not None:                            # the mean of the batch's units' terms
+                u = units[:, t]
+                inc += torch.einsum("nmk,nmkd->nd", torch.einsum("nmkd,nd->nmk", own_gram[u], S), own_curv[u]) / m
             Q.mul_(self.beta1).add_(inc, alpha=1 - self.beta1)
             S.mul_(float(self.a[t])).sub_(Q, alpha=float(self.b[t]))
         return S.double()
@@ -320,7 +325,7 @@ def build_subspace(src: SubspaceSources, probe_readout: Callable[[torch.Tensor],
 def _own_curvature(gram: torch.Tensor, directions: list[list[int]], layout: dict, groups: Sequence[str],
                    block_at: Callable[[int, str], int], eig_values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of each unit's directions g_{u,k} [U, K] and the coefficients c_u [U, K, N] of
-    (h_{u,l} − UΛUᵀ P̄ g_{u,l}) (G_u P̄ G_uᵀ)⁻¹_{lk}: with them H_u δ ≈ UΛUᵀδ + Σ_k c_{u,k} g_{u,k}ᵀδ is exact for δ
+    (h_{u,l} − UΛUᵀ P̄ g_{u,l}) (G_u P̄ G_uᵀ)⁺_{lk}: with them H_u δ ≈ UΛUᵀδ + Σ_k c_{u,k} g_{u,k}ᵀδ is exact for δ
     in the span of the P̄ g_{u,k} (where steps on u move the parameters)."""
     rows = torch.tensor(directions)
     U, K = rows.shape
@@ -331,7 +336,8 @@ def _own_curvature(gram: torch.Tensor, directions: list[list[int]], layout: dict
         for k, r in enumerate(directions[u]):
             coef[u, k, layout["curv"] + u * K + k] = 1.0
             coef[u, k, lo: lo + len(vals)] -= vals * gram[lo: lo + len(vals), r]     # U P̄ g from the Gram matrix
-        mix = torch.linalg.inv(gram[rows[u]][:, rows[u]])                            # (G P̄ Gᵀ)⁻¹, symmetric
+        # (G P̄ Gᵀ)⁺: a unit's directions may repeat (a batch's own gradient at step 0 is its pair at 0)
+        mix = torch.linalg.pinv(gram[rows[u]][:, rows[u]], hermitian=True)
         coef[u] = mix @ coef[u]
     return rows, coef
 

@@ -207,21 +207,25 @@ def test_scaling_points_span_the_tokens_and_model_sizes_the_benchmark_claims(tmp
     assert 0.5e6 < n_params[0] < 2e6 and 15e6 < n_params[-1] < 25e6   # about 1M to 20M parameters
 
 
-def test_epoch_curvature_scores_both_replays_on_the_dev_orders_only(artefacts, tiny_truth, tmp_path):
+def test_epoch_curvature_scores_three_replays_on_dev_orders_only(artefacts, tiny_truth, tmp_path):
     from fut.multi_epoch import multi_epoch
     params, data_dir, ref_dir, cache_dir, _ = tiny_truth
     multi_epoch(params, data_dir, ref_dir, cache_dir, tmp_path / "me")
     common, a = artefacts
     out = tmp_path / "epoch_curvature.json"
-    printed = run_script("epoch_curvature.py", *common, "--cache", a["cache"], "--multi-epoch", str(tmp_path / "me"),
-                         "--out", str(out))
+    args = [*common, "--cache", a["cache"], "--multi-epoch", str(tmp_path / "me"), "--extra", "1", "1", "1",
+            "--work", str(tmp_path / "work"), "--out", str(out)]
+    printed = run_script("epoch_curvature.py", *args)
     r = json.loads(out.read_text())
     E = params.multi_epoch.epochs[0]
-    keys = {f"E={E} {c} {k}" for c in ("own curvature at θ_0", "none") for k in ("quadratic", "exact")}
+    keys = {f"E={E} {c} {k}" for c in ("pair and visits", "pair at 0", "none") for k in ("quadratic", "exact")}
     assert r["split"] == "dev" and set(r["results"]) == keys and "| R² random |" in printed
     n_dev = sum(params.multi_epoch.dev.values())
-    assert all(x["all"]["n"] == n_dev for x in r["results"].values())
-    assert r["results"][f"E={E} none exact"] != r["results"][f"E={E} own curvature at θ_0 exact"]
+    assert all(x["all"]["n"] == n_dev + 3 for x in r["results"].values())
+    assert len({json.dumps(r["results"][f"E={E} {c} exact"]) for c in ("pair and visits", "pair at 0", "none")}) == 3
+    taken = subprocess.run([sys.executable, "benchmarks/epoch_curvature.py", *args[:-2], "--seed",
+                            str(params.multi_epoch.seed)], cwd=ROOT, capture_output=True, text=True)
+    assert taken.returncode == 2 and "--seed must differ" in taken.stderr
 
 
 def test_pretrained_finetune_saves_the_window_start_as_a_checkpoint_the_pipeline_loads_exactly(tiny, tmp_path):
@@ -236,3 +240,24 @@ def test_pretrained_finetune_saves_the_window_start_as_a_checkpoint_the_pipeline
     loaded = dict(build_model(finetune.model, ref.prepared.vocab_size, params.data.seq_len).named_parameters())
     assert loaded.keys() == ref.start.theta.keys()
     assert all(torch.equal(loaded[k], ref.start.theta[k]) for k in loaded)
+
+
+def test_sequence_curvature_scores_three_replays_on_dev_orders_only(artefacts, tiny_truth, tmp_path):
+    from fut.sample_orders import sample_orders
+    params, data_dir, ref_dir, cache_dir, _ = tiny_truth
+    sample_orders(params, data_dir, ref_dir, cache_dir, tmp_path / "so")
+    common, a = artefacts
+    out = tmp_path / "sequence_curvature.json"
+    args = [*common, "--cache", a["cache"], "--sample-orders", str(tmp_path / "so"), "--extra-random", "2",
+            "--work", str(tmp_path / "work"), "--out", str(out)]
+    printed = run_script("sequence_curvature.py", *args)
+    r = json.loads(out.read_text())
+    keys = {f"{c} {k}" for c in ("at its own step", "at θ_0", "none") for k in ("quadratic", "exact")}
+    assert r["split"] == "dev" and set(r["results"]) == keys and "| R² random |" in printed
+    n_dev = sum(params.sample_orders.dev.values())
+    assert r["n_all"] == n_dev + 2 and all(x["all"]["n"] == n_dev + 2 for x in r["results"].values())
+    assert r["results"]["none exact"] != r["results"]["at its own step exact"]
+    assert len(list((tmp_path / "work" / "groundtruth").glob("*.json"))) >= 2      # the extra retrains, kept
+    taken = subprocess.run([sys.executable, "benchmarks/sequence_curvature.py", *args[:-2], "--seed",
+                            str(params.sample_orders.test_seed)], cwd=ROOT, capture_output=True, text=True)
+    assert taken.returncode == 2 and "--seed must differ" in taken.stderr

@@ -4,6 +4,8 @@ exactly; the studies produce the validity issue's blocks and their applications.
 import pytest
 import torch
 
+from fut.cache import DTYPES
+from fut.device import autocast
 from fut.epochs import EpochReference, reference_order
 from fut.estimators import EstimationContext
 from fut.groundtruth import Oracle
@@ -46,6 +48,14 @@ def test_sample_level_cache_estimates_the_reference_batches_exactly(ctx, tmp_pat
     again.build(progress=False)
     assert {p: p.stat().st_mtime_ns for p in again.files()} == stamps
     assert torch.equal(again.subspace().gram, sub.gram)
+    # each sequence's own-direction curvature row: H(θ_j, x_i) P̄ g(θ_j, x_i) at its own step j
+    src = cache.sources()
+    i = b + 1                                                      # the second sequence of batch 1
+    row = src.rows(slice(0, src.dim))
+    own, h = row[src.own_directions[i][0]], row[-cache.n + i]
+    with autocast(ctx.run.params.train, ctx.run.device):
+        want = ctx.run.loss.hvp(ctx.run.theta(1), cache.sequences[i: i + 1], (src.precond * own)[None])[0]
+    assert torch.equal(h, want.to(DTYPES[ctx.run.params.cache.dtype]).float()) and sub.own_curv is not None
 
 
 def test_epoch_reference_is_the_retrain_of_its_order_and_its_estimate_is_exact(ctx, tmp_path):

@@ -146,25 +146,30 @@ def test_knot_disagreement_vanishes_where_the_curvature_explains_each_gradients_
 
 # --- units beyond one epoch's batches: sequences (sample-level orders) and batches visited E times -----------
 
-def unit_sources(units: int, steps: int, visits, reference, groups, seed: int = 1, own_curvature: bool = False):
+def unit_sources(units: int, steps: int, visits, reference, groups, seed: int = 1, own_curvature: bool = False,
+                 directions: list[list[int]] | None = None):
     """Synthetic sources over `units` with own/after rows per visit, pairs at 0 and `steps` (and, with
-    `own_curvature`, a row h_u per unit: its Hessian along its own preconditioned gradient)."""
+    `own_curvature`, rows h_{u,k} per unit: its Hessian along its own preconditioned gradients, those in basis rows
+    `directions[u]`, default its pair at 0)."""
+    directions = directions or [[u] for u in range(units)]
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen)
     raw = {"pairs": {c: rnd(units, D) for c in (0, steps)}, "own": rnd(len(visits), D), "after": rnd(len(visits), D),
-           "thetas": rnd(steps + 1, D), "eigen": {}, "curv": rnd(units, D)}
+           "thetas": rnd(steps + 1, D), "eigen": {},
+           "curv": rnd(units * len(directions[0]), D)}
     for g in sorted(set(groups)):
         q, _ = torch.linalg.qr(rnd(D, R))
         raw["eigen"][(0, g)] = (torch.rand(R, generator=gen) * 5 + 1, q.t().contiguous())
     keys = sorted(raw["eigen"])
     basis = torch.cat([raw["pairs"][c] for c in (0, steps)] + [raw["own"], raw["after"]]
                       + [raw["eigen"][k][1] for k in keys] + ([raw["curv"]] if own_curvature else []))
+    raw["basis"] = basis
     src = SubspaceSources(pair_checkpoints=[0, steps], eigen_keys=keys, eigen_values=[raw["eigen"][k][0] for k in keys],
                           groups=list(groups), rows=lambda cols: basis[:, cols], dim=D, chunk=7,
                           theta=lambda t: raw["thetas"][t], precond=torch.rand(D, generator=gen) + 0.5,
                           precond_drift=0.0, eval_grad=rnd(D), lrs=[0.01] * steps,
                           adam_steps=[100 + t + 1 for t in range(steps)], hp=HP, visits=visits, reference=reference,
-                          own_directions=[[u] for u in range(units)] if own_curvature else None)
+                          own_directions=directions if own_curvature else None)
     return src, raw
 
 
@@ -189,10 +194,12 @@ def unit_recursion(src: SubspaceSources, raw: dict, order: list[list[int]]) -> t
     def curvature(u: int, x: torch.Tensor) -> torch.Tensor:
         vals, vecs = (y.double() for y in raw["eigen"][(0, src.groups[u])])
         out = vecs.t() @ (vals * (vecs @ x))
-        if src.own_directions:         # exact along P̄ g_u: H_u P̄ g_u = h_u
-            g = raw["pairs"][0][u].double()
-            pg = P * g
-            out += (raw["curv"][u].double() - vecs.t() @ (vals * (vecs @ pg))) * (g @ x) / (g @ pg)
+        if src.own_directions:         # exact along each P̄ g_{u,k}: H_u P̄ g_{u,k} = h_{u,k}
+            K = len(src.own_directions[u])
+            g = raw["basis"][src.own_directions[u]].double()                      # [K, D]
+            h = raw["curv"][u * K: (u + 1) * K].double()
+            residual = h - (vecs.t() @ (vals[:, None] * (vecs @ (P * g).t()))).t()
+            out += residual.t() @ (torch.linalg.pinv(g @ (P * g).t(), hermitian=True) @ (g @ x))
         return out
 
     for t, batch in enumerate(order):
@@ -282,4 +289,45 @@ def test_own_direction_curvature_replays_as_the_recursion_and_is_exact_along_it(
     other = delta(plain.replay(torch.tensor(orders)), lambda cols: src.rows(cols)[:-steps], src.precond, D,
                   src.chunk).double()
     assert float((other - got).abs().max()) > 1e-4 * float(got.abs().max())     # the term changes δ (lr 0.01: ~1e-3)
+    assert torch.count_nonzero(sub.replay(torch.tensor([[0, 1, 2, 0, 1, 2]]))) == 0
+
+
+def test_own_direction_curvature_over_sequences_replays_as_the_recursion():
+    """Sequences as units with each one's curvature along its own-step gradient (the sample-level cache's rows): a
+    batch's term is the mean of its sequences', as in the full-space recursion; the reference batches give δ = 0."""
+    steps, b = 3, 2
+    n = steps * b
+    visits = [(i, i // b) for i in range(n)]
+    src, raw = unit_sources(n, steps, visits, [[j * b, j * b + 1] for j in range(steps)], ["a", "a", "b", "b", "a", "a"],
+                            own_curvature=True, directions=[[2 * n + i] for i in range(n)])    # own rows follow pairs
+    sub = build_subspace(src, None, 0.0, 0, 0, probe_sigma=torch.zeros(0, steps, b, dtype=torch.long))
+    orders = [[[4, 5], [0, 1], [2, 3]], [[0, 2], [1, 4], [3, 5]], [[5, 3], [1, 0], [2, 4]]]
+    got = delta(sub.replay(torch.tensor(orders)), src.rows, src.precond, D, src.chunk).double()
+    for i, order in enumerate(orders):
+        want = unit_recursion(src, raw, order)
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert torch.count_nonzero(sub.replay(torch.tensor([[[1, 0], [2, 3], [5, 4]]]))) == 0
+
+
+def test_several_own_directions_per_batch_replay_as_the_recursion_even_when_two_coincide():
+    """Batches visited twice, each with its pair at 0 and its own and after-step gradients at both visits as own
+    directions (as fut/epochs.py builds them): the replay is the full-space recursion with the curvature exact on
+    their span, and batch 0's own gradient at step 0, the same vector as its pair at 0, is harmless."""
+    steps, epochs = 3, 2
+    S_ = steps * epochs
+    own0 = 2 * steps
+    dirs = [[j] + [own0 + t for t in range(j, S_, steps)] + [own0 + S_ + t for t in range(j, S_, steps)]
+            for j in range(steps)]
+    src, raw = unit_sources(steps, S_, [(t % steps, t) for t in range(S_)], [[t % steps] for t in range(S_)],
+                            ["a", "b", "a"], own_curvature=True, directions=dirs)
+    basis, K = raw["basis"], len(dirs[0])          # g(θ_0, B_0) twice, and its curvature row twice
+    raw["own"][0] = basis[own0] = basis[0]
+    raw["curv"][1] = basis[len(basis) - steps * K + 1] = basis[len(basis) - steps * K]
+    sub = build_subspace(src, None, 0.0, 0, 0, probe_sigma=torch.zeros(0, S_, dtype=torch.long))
+    assert sub.own_curv.shape == (steps, 5, src.rows(slice(0, 1)).shape[0])
+    orders = [[2, 1, 0, 2, 1, 0], [1, 0, 2, 0, 2, 1]]
+    got = delta(sub.replay(torch.tensor(orders)), src.rows, src.precond, D, src.chunk).double()
+    for i, order in enumerate(orders):
+        want = unit_recursion(src, raw, [[j] for j in order])
+        torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     assert torch.count_nonzero(sub.replay(torch.tensor([[0, 1, 2, 0, 1, 2]]))) == 0
