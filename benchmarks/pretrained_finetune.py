@@ -10,13 +10,17 @@ data is the same), and reports the estimators' accuracy against retraining and t
 
     python benchmarks/pretrained_finetune.py [--params params.yaml] [--data data/prepared] [--reference data/reference]
 
-Prints a table and writes benchmarks/results/pretrained_finetune.json. Needs `dvc repro` through the reference
-stage (the checkpoint is the reference run's window start).
+Prints a table and writes benchmarks/results/pretrained_finetune.json, with the default method's verdict from its
+own indicators (fut.ablations.flagged, at the indicator scale of reports/metrics/error_proxy.json). A rerun reuses
+that file when the run's params and the checkpoint's files are unchanged, wherever the checkout lies. Needs
+`dvc repro` through the reference stage (the checkpoint is the reference run's window start) and the ablations
+stage (the scale).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import math
 import shutil
 import sys
@@ -26,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fut import config  # noqa: E402
-from fut.ablations import FLAG_DRIFT  # noqa: E402
+from fut.ablations import flagged  # noqa: E402
 from fut.model import build_model  # noqa: E402
 from fut.reference import ReferenceRun  # noqa: E402
 from fut.storage import atomic_write_json, read_json  # noqa: E402
@@ -49,6 +53,15 @@ def save_checkpoint(ref: ReferenceRun, folder: Path) -> Path:
     return folder
 
 
+def checkpoint_key(params: config.Params, base: config.Params, checkpoint: Path) -> str:
+    """The run's provenance with the checkpoint named by its files' contents, not by where it lies."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(checkpoint).iterdir()):
+        digest.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+    named = dataclasses.replace(params.model, pretrained=f"sha256:{digest.hexdigest()}")
+    return point_key(dataclasses.replace(params, model=named), base)
+
+
 def fmt(x: float | None, spec: str) -> str:
     return format(x, spec) if x is not None else format("–", spec[0] + spec[1:].split(".")[0])
 
@@ -66,6 +79,8 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "data/prepared")
     ap.add_argument("--reference", type=Path, default=ROOT / "data/reference")
     ap.add_argument("--work", type=Path, default=ROOT / "data/pretrained_finetune")
+    ap.add_argument("--error-proxy", type=Path, default=ROOT / "reports/metrics/error_proxy.json",
+                    help="the ablations stage's metrics (the indicator's scale)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/pretrained_finetune.json")
     args = ap.parse_args()
     base = config.load(args.params)
@@ -73,7 +88,7 @@ def main() -> int:
     checkpoint = save_checkpoint(ref, args.work / "checkpoint")
     start_ppl = math.exp(read_json(args.reference / "summary.json")["eval_loss_start"])
     params = finetune_params(base, checkpoint, args.data / "corpus")
-    key = point_key(params, base)
+    key = checkpoint_key(params, base, checkpoint)
     r = read_json(args.out) if args.out.is_file() else {}
     if r.get("params_key") != key:
         r = run_point(params, key, "pretrained", args.work, args.work / "pretrained.json")
@@ -91,10 +106,11 @@ def main() -> int:
                   f"{fmt(s['bias_ppl'], '>11.4g')}{fmt(s['absdiff_ppl'], '>11.4g')}"
                   f"{m['seconds_per_order']:>10.4f}{fmt(retrain / m['seconds_per_order'] if m['seconds_per_order'] else None, '>10.1f')}")
     trust = r["trust"]
-    if trust:   # the default method's own verdict (fut/ablations.py): the replay freezes Adam's preconditioner
-        drift = sorted(t["precond_drift"] for t in trust)[len(trust) // 2]
-        print(f"{r['default_method']}'s indicators: precond_drift {drift:.3f} (flagged above {FLAG_DRIFT}), "
-              f"{sum(t['est_ppl'] is None for t in trust)} of {len(trust)} estimates diverged")
+    if trust:   # the default method's own verdict (fut/ablations.py), as the sweep's points get it
+        v = r["verdict"] = flagged(trust, math.exp(r["naive_eval_loss"]), read_json(args.error_proxy)["scale"])
+        print(f"{r['default_method']}'s verdict: {'flagged' if v['flagged'] else 'not flagged'} (predicted R² "
+              f"{v['predicted_r2']:.3g}, precond_drift {v['precond_drift']:.3f}, {v['diverged']} of {len(trust)} "
+              "estimates diverged)")
     atomic_write_json(args.out, r)
     return 0
 

@@ -236,6 +236,11 @@ def test_pretrained_finetune_saves_the_window_start_as_a_checkpoint_the_pipeline
     ref = ReferenceRun(params, data_dir, ref_dir)
     checkpoint = bench.save_checkpoint(ref, tmp_path / "checkpoint")
     finetune = bench.finetune_params(params, checkpoint, data_dir / "corpus")
+    elsewhere = bench.save_checkpoint(ref, tmp_path / "moved" / "checkpoint")      # a rerun from another checkout
+    key = bench.checkpoint_key(finetune, params, checkpoint)
+    assert key == bench.checkpoint_key(bench.finetune_params(params, elsewhere, data_dir / "corpus"), params, elsewhere)
+    (elsewhere / "model.safetensors").write_bytes(b"other weights")
+    assert key != bench.checkpoint_key(finetune, params, elsewhere)
     assert finetune.model.pretrained == str(checkpoint.resolve()) and not finetune.warmstart.enabled
     loaded = dict(build_model(finetune.model, ref.prepared.vocab_size, params.data.seq_len).named_parameters())
     assert loaded.keys() == ref.start.theta.keys()
