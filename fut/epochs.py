@@ -28,6 +28,8 @@ from .training import run_window, window_lrs
 
 log = logging.getLogger(__name__)
 
+OWN_DIRECTIONS = "pair at 0, own and after-step gradient at each visit"
+
 
 def epoch_path(out_dir: Path, epochs: int) -> Path:
     return Path(out_dir) / f"epochs_{epochs}.safetensors"
@@ -51,7 +53,8 @@ class EpochReference:
         self.T = self.run.T
         self.steps = self.T * epochs
         self.path = epoch_path(out_dir, epochs)
-        self.meta = {**store.provenance, "kind": "epochs", "epochs": epochs}
+        # the sources' layout is part of the file's provenance: a file of another layout is rebuilt
+        self.meta = {**store.provenance, "kind": "epochs", "epochs": epochs, "own_directions": OWN_DIRECTIONS}
 
     def load(self) -> tuple[Subspace, float]:
         """The stored subspace and the E-epoch reference's final eval loss (for estimates: nothing is built)."""

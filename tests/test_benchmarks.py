@@ -228,6 +228,23 @@ def test_epoch_curvature_scores_three_replays_on_dev_orders_only(artefacts, tiny
     assert taken.returncode == 2 and "--seed must differ" in taken.stderr
 
 
+def test_epoch_deviation_compares_the_replay_with_training_every_half_epoch(artefacts, tiny_truth, tmp_path):
+    from fut.multi_epoch import multi_epoch
+    params, data_dir, ref_dir, cache_dir, _ = tiny_truth
+    multi_epoch(params, data_dir, ref_dir, cache_dir, tmp_path / "me")
+    common, a = artefacts
+    out = tmp_path / "epoch_deviation.json"
+    printed = run_script("epoch_deviation.py", *common, "--cache", a["cache"], "--multi-epoch", str(tmp_path / "me"),
+                         "--out", str(out))
+    E, T = params.multi_epoch.epochs[0], params.window.steps
+    r = json.loads(out.read_text())["results"][str(E)]
+    assert "| ‖δ replay‖" in printed and len(r["orders"]) == sum(params.multi_epoch.dev.values())
+    for rows in r["orders"].values():
+        assert [x["step"] for x in rows] == list(range(T // 2, E * T + 1, T // 2))
+        assert all(x["cosine"] is None or -1 - 1e-6 <= x["cosine"] <= 1 + 1e-6 for x in rows)
+        assert rows[-1]["true_norm"] > 0 and rows[-1]["cosine"] is not None
+
+
 def test_pretrained_finetune_saves_the_window_start_as_a_checkpoint_the_pipeline_loads_exactly(tiny, tmp_path):
     spec = importlib.util.spec_from_file_location("pretrained_finetune", ROOT / "benchmarks/pretrained_finetune.py")
     bench = importlib.util.module_from_spec(spec)

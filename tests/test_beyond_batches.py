@@ -70,6 +70,24 @@ def test_epoch_reference_is_the_retrain_of_its_order_and_its_estimate_is_exact(c
     assert naive == record["eval_loss"] and torch.equal(loaded.forcing, sub.forcing)
 
 
+def test_stored_replays_of_another_source_layout_are_refused_and_rebuilt(ctx, tmp_path, monkeypatch):
+    import fut.epochs
+    import fut.sequence_cache
+    from fut.storage import ArtefactMismatch
+    EpochReference(ctx.cache, 2, tmp_path).load_or_build()
+    SequenceCache(ctx.cache, tmp_path / "seq").build(progress=False)
+    monkeypatch.setattr(fut.epochs, "OWN_DIRECTIONS", "another layout")
+    monkeypatch.setattr(fut.sequence_cache, "SUBSPACE_SOURCES", {"own_curvature": "another layout"})
+    with pytest.raises(ArtefactMismatch, match="own_directions"):
+        EpochReference(ctx.cache, 2, tmp_path).load()
+    with pytest.raises(ArtefactMismatch, match="own_curvature"):
+        SequenceCache(ctx.cache, tmp_path / "seq").subspace()
+    EpochReference(ctx.cache, 2, tmp_path).load_or_build()          # rebuilt under the new layout
+    SequenceCache(ctx.cache, tmp_path / "seq").build(progress=False)
+    EpochReference(ctx.cache, 2, tmp_path).load()
+    SequenceCache(ctx.cache, tmp_path / "seq").subspace()
+
+
 def test_the_studies_report_blocks_costs_and_applications(tiny_truth, tmp_path):
     params, data_dir, ref_dir, cache_dir, _ = tiny_truth
     rows, m = sample_orders(params, data_dir, ref_dir, cache_dir, tmp_path / "sample")
