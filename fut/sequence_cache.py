@@ -106,16 +106,17 @@ class SequenceCache:
                 grads, sec = self._grads(lambda i: theta, seqs, f"sequence gradients at checkpoint {c}", progress)
                 save_tensors(path, {"grad": grads}, {**self.meta, "build": {"grad_seconds": sec}, "gradients": self.n})
         path = self.path("visits.safetensors")
-        if self._load(path) is None:
+        visits = self._load(path)
+        if visits is None:
             # in the order of the batches, so the reference trajectory's checkpoints are read one after another
             own, s1 = self._grads(lambda i: self.run.theta(i // self.b), seqs, "own-step gradients", progress)
             after, s2 = self._grads(lambda i: self.run.theta(i // self.b + 1), seqs, "after-step gradients", progress)
             save_tensors(path, {"own": own, "after": after},
                          {**self.meta, "build": {"grad_seconds": s1 + s2}, "gradients": 2 * self.n})
+            visits = {"own": own, "after": after}
         path = self.path(CURVATURE)
         if self._load(path) is None:
-            own = self._load(self.path("visits.safetensors"))["own"]
-            h, sec = self._own_curvature(own, progress)
+            h, sec = self._own_curvature(visits["own"], progress)
             save_tensors(path, {"h": h}, {**self.meta, "build": {"hvp_seconds": sec}, "hvps": self.n})
         path = self.path(SUBSPACE)
         tensors = self._load(path, SUBSPACE_SOURCES)
