@@ -1,13 +1,18 @@
-"""What each batch's own-direction curvature buys the multi-epoch replay (fut/epochs.py), on dev orders only.
+"""What each batch's own-direction curvature and the damping buy the multi-epoch replay (fut/epochs.py), on dev
+orders only.
 
 For each E, dev orders are estimated by fut-subspace over the E-epoch run three ways: with the rows
 h = H_j P̄ g at θ_0 along batch j's pair at 0 and its own and after-step gradients at each of its E visits (the
-adopted choice), along its pair at 0 only, and without own-direction curvature. Each is read out exactly (θ + δ
-evaluated) and with its quadratic readout fitted on the probe orders, and scored against retrained dev orders: the
-multi_epoch stage's, plus `--extra` orders per family drawn from `--seed` + E (not a test seed) and retrained here
-into `--work` (resumable), since the stage's dev set is too small to choose by. The test orders are not read.
+adopted choice), along its pair at 0 only, and without own-direction curvature, all without damping. Then the
+adopted sources with each damping λ of `--damping` (the restoring term λ P̄⁻¹ δ, fut/subspace.py), its quadratic
+readout refitted. Each is read out exactly (θ + δ evaluated) and with its quadratic readout fitted on the probe
+orders, and scored against retrained dev orders: the multi_epoch stage's, plus `--extra` orders per family drawn
+from `--seed` + E (not a test seed) and retrained here into `--work` (resumable), since the stage's dev set is too
+small to choose by. The test orders are not read. `multi_epoch.damping[E]` is the λ whose worse family (random or
+domain blocks) has the highest R² under the quadratic readout, the default: printed as `chosen`.
 
     python benchmarks/epoch_curvature.py [--params params.yaml] [--epochs 2 3] [--extra 10 6 6] [--seed 7000]
+                                         [--damping 0 50 100 200 400 600 800 1200]
 
 Needs the `multi_epoch` stage's output (its dev ground truth, and its caches' folder for their provenance). Prints a
 table and writes benchmarks/results/epoch_curvature.json.
@@ -35,7 +40,7 @@ from fut.reference import ReferenceRun  # noqa: E402
 from fut.schedules import as_units, epoch_order_set  # noqa: E402
 from fut.stats import r2_order_effect, rank_correlation  # noqa: E402
 from fut.storage import atomic_write_json, read_json  # noqa: E402
-from fut.subspace import build_subspace, delta  # noqa: E402
+from fut.subspace import build_subspace, delta, fit_readout  # noqa: E402
 
 
 def scores(est: np.ndarray, truth: np.ndarray, naive: float, rows: list[int]) -> dict:
@@ -56,14 +61,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra dev orders retrained here, per family")
     ap.add_argument("--seed", type=int, default=7000, help="their seed is this plus E (not multi_epoch's seeds)")
     ap.add_argument("--work", type=Path, default=ROOT / "data/epoch_curvature")
+    ap.add_argument("--damping", type=float, nargs="+", default=[0, 50, 100, 200, 400, 600, 800, 1200],
+                    help="the dampings λ >= 0 tried with the adopted sources")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/epoch_curvature.json")
     args = ap.parse_args(argv)
     params = config.load(args.params)
     if args.seed in (params.multi_epoch.seed, params.multi_epoch.test_seed):
         ap.error(f"--seed must differ from multi_epoch.seed and multi_epoch.test_seed, got {args.seed}")
+    if min(args.damping) < 0:
+        ap.error(f"--damping must be >= 0, got {min(args.damping)}")
     run = ReferenceRun(params, args.data, args.reference)
     ctx = EstimationContext(run, args.cache)
-    c, out, lines, sizes = params.cache, {}, [], {}
+    c, out, lines, sizes, chosen = params.cache, {}, [], {}, {}
     for E in args.epochs or params.multi_epoch.epochs:
         ref = EpochReference(ctx.cache, E, args.multi_epoch / "cache")
         dev = protocol.dev_truth(args.multi_epoch / "groundtruth" / f"epochs_{E}")
@@ -90,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                                         rows=lambda cols: torch.cat([rows(cols)[:-T * K], rows(cols)[-T * K::K]]))
         plain = dataclasses.replace(adopted, own_directions=None, rows=lambda cols: rows(cols)[:-T * K])
         exact = partial(run.eval_losses_at, thetas[ref.steps])
-        for label, src in (("pair and visits", adopted), ("pair at 0", pair_only), ("none", plain)):
-            sub = build_subspace(src, exact, naive, c.probes, c.seed, probe_sigma=ref.probe_orders())
+
+        def score(label: str, sub, src) -> dict:
             S = sub.replay(sigma)
             readouts = {"quadratic": sub.quadratic(S, naive).numpy(),
                         "exact": exact(delta(S, src.rows, src.precond, src.dim, src.chunk)).numpy()}
@@ -103,13 +112,31 @@ def main(argv: list[str] | None = None) -> int:
                              f"{r['bias_ppl']:+.3f} | {d['r2_order_effect']:.3f} | {d['bias_ppl']:+.3f} | "
                              f"{a['r2_order_effect']:.3f} | {a['bias_ppl']:+.3f} |")
                 print(lines[-1], flush=True)
+            return out[f"E={E} {label} quadratic"]
+
+        for label, src in (("pair and visits", adopted), ("pair at 0", pair_only), ("none", plain)):
+            sub = build_subspace(src, exact, naive, c.probes, c.seed, probe_sigma=ref.probe_orders())
+            score(label, sub, src)
+            if src is adopted:
+                base = sub
+        worst = {}
+        for lam in args.damping:         # the adopted sources' matrices, each damping's readout refitted
+            sub = dataclasses.replace(base, damping=lam)
+            sub.readout_coef = fit_readout(sub, adopted, exact, naive, ref.probe_orders())
+            q = score(f"pair and visits, damping {lam:g}", sub, adopted)
+            r2 = [q[f]["r2_order_effect"] for f in ("random", "domain_blocks")]
+            worst[lam] = min(float("-inf") if x is None else x for x in r2)      # None: undefined, never chosen
+        chosen[E] = max(worst, key=worst.get)
+        print(f"chosen: E = {E}, damping {chosen[E]:g} (worse family's quadratic R² {worst[chosen[E]]:.3f})")
         sizes[E] = {f: len(r) for f, r in groups.items()}
     print(f"dev orders per E: {sizes}")
     print("| E | own curvature | readout | R² random | Spearman random | bias random | R² domain blocks | "
           "bias domain blocks | R² all | bias all |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
-    atomic_write_json(args.out, {"split": "dev", "extra": counts, "seed": args.seed, "n": sizes, "results": out})
+    print("chosen damping per E:", {E: f"{lam:g}" for E, lam in chosen.items()})
+    atomic_write_json(args.out, {"split": "dev", "extra": counts, "seed": args.seed, "n": sizes, "results": out,
+                                 "damping": args.damping, "chosen_damping": chosen})
     return 0
 
 

@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from . import config
 from .methods import METHODS
-from .evaluation import ppl
 from .orders import OrderError
 from .schedules import as_units, kind_of, parse_orders_file
 from .storage import ArtefactMismatch
@@ -151,11 +150,16 @@ def _print_json(out: list[dict]) -> int:
 
 
 def _retrain(args, params: config.Params) -> int:
+    try:
+        orders = _orders(args.orders, params)
+    except REFUSED as err:
+        return _refuse(err)
+    # The model code (transformers) is imported once the orders are accepted: a refusal takes a second or two.
+    from .evaluation import ppl
     from .groundtruth import Oracle
     from .reference import ReferenceRun
 
     try:
-        orders = _orders(args.orders, params)
         oracle = Oracle(ReferenceRun(params, args.data, args.reference))   # reads and checks data and window start
     except REFUSED as err:
         return _refuse(err)
@@ -167,9 +171,6 @@ def _retrain(args, params: config.Params) -> int:
 
 
 def _estimate(args, params: config.Params) -> int:
-    from .estimators import EstimationContext, estimate
-    from .reference import ReferenceRun
-
     method = args.method or params.estimate.default
     try:
         orders = _orders(args.orders, params)
@@ -180,6 +181,13 @@ def _estimate(args, params: config.Params) -> int:
         if kinds[0] != ("batches", 1) and method not in ("fut-subspace", "naive"):
             raise OrderError(f"--method {method}: sample-level and multi-epoch orders are estimated by "
                              "fut-subspace (or naive) only")
+    except REFUSED as err:
+        return _refuse(err)
+    from .estimators import EstimationContext, estimate     # the model code, once the orders are accepted
+    from .evaluation import ppl
+    from .reference import ReferenceRun
+
+    try:
         ctx = EstimationContext(ReferenceRun(params, args.data, args.reference), args.cache, args.projection)
         if kinds[0] != ("batches", 1):
             sub, naive = _beyond_batches(ctx, kinds[0], args)

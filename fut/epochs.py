@@ -6,7 +6,10 @@ times: the pairs g(θ_c, B_j) for every batch at c = 0 and E·T, each step's own
 gradient right after it g(θ_{t+1}, B_{t mod T}) (a batch's gradient path has 2E knots between the pairs), the
 batch-level cache's domain eigenspaces at checkpoint 0 (θ_0 is the same), and each batch's Hessian at θ_0 along
 its own preconditioned gradients (fut/subspace.py `own_directions`). Adam's preconditioner is frozen at the
-E-epoch run's mid-point. The trajectory and the gradients are made in memory (E·T steps take seconds); the stored
+E-epoch run's mid-point. The replay is damped with λ = multi_epoch.damping[E] (fut/subspace.py): without it, the
+replay's deviation keeps growing after the first epoch while training's stays bounded (training forgets an
+order's early differences; benchmarks/epoch_deviation.py), and λ was chosen on dev orders
+(benchmarks/epoch_curvature.py). The trajectory and the gradients are made in memory (E·T steps take seconds); the stored
 file, <dir>/epochs_<E>.safetensors, holds the replay's matrices with its provenance and the reference's final eval
 loss, and is rebuilt when either differs.
 """
@@ -53,8 +56,11 @@ class EpochReference:
         self.T = self.run.T
         self.steps = self.T * epochs
         self.path = epoch_path(out_dir, epochs)
-        # the sources' layout is part of the file's provenance: a file of another layout is rebuilt
-        self.meta = {**store.provenance, "kind": "epochs", "epochs": epochs, "own_directions": OWN_DIRECTIONS}
+        # An E that multi_epoch.epochs lacks has no damping and no file: load() says which stage builds it.
+        self.damping = self.params.multi_epoch.damping.get(str(epochs), 0.0)
+        # the sources' layout and the damping are part of the file's provenance: a file of others is rebuilt
+        self.meta = {**store.provenance, "kind": "epochs", "epochs": epochs, "own_directions": OWN_DIRECTIONS,
+                     "damping": self.damping}
 
     def load(self) -> tuple[Subspace, float]:
         """The stored subspace and the E-epoch reference's final eval loss (for estimates: nothing is built)."""
@@ -153,7 +159,7 @@ class EpochReference:
         grad_seconds = time.perf_counter() - t1
         c = self.params.cache
         sub = build_subspace(src, partial(self.run.eval_losses_at, thetas[self.steps]), final_loss, c.probes, c.seed,
-                             progress=log.info, probe_sigma=self.probe_orders())
+                             progress=log.info, probe_sigma=self.probe_orders(), damping=self.damping)
         record = {"eval_loss": final_loss, "train_seconds": train_seconds, "grad_seconds": grad_seconds,
                   "subspace_seconds": time.perf_counter() - t1 - grad_seconds,
                   "gradients": self.T * len(src.pair_checkpoints) + 2 * self.steps + 1,

@@ -73,11 +73,12 @@ def multi_epoch(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, 
         mine, scores = score_study(params, sub, naive, splits, data_dir, ref_dir,
                                    out_dir / "groundtruth" / f"epochs_{E}", f"{E}-epoch ground truth")
         rows += [{**r, "epochs": E} for r in mine]
-        by_epochs[str(E)] = {"epochs": E, "naive_eval_loss": naive, **scores, "cache_bytes": ref.bytes(),
+        by_epochs[str(E)] = {"epochs": E, "damping": sub.damping, "naive_eval_loss": naive, **scores,
+                             "cache_bytes": ref.bytes(),
                              "cache_seconds": record["train_seconds"] + record["grad_seconds"]
                              + record["subspace_seconds"], "cache": record}
         fams = scores[protocol.TEST]["families"]
-        growth.append({"epochs": E, **{f"{f}_{k}": fams.get(f, {}).get("fut-subspace", {}).get(k)
+        growth.append({"epochs": E, "damping": sub.damping, **{f"{f}_{k}": fams.get(f, {}).get("fut-subspace", {}).get(k)
                                        for f in ("random", "all")
                                        for k in ("r2_order_effect", "spearman", "absdiff_ppl", "bias_ppl")},
                        "naive_absdiff_ppl_all": fams["all"]["naive"]["absdiff_ppl"]})

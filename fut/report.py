@@ -300,10 +300,10 @@ def sample_orders(m: dict) -> tuple[str, list[str]]:
 
 
 def multi_epoch(m: dict) -> tuple[str, list[str]]:
-    growth = [[g["epochs"], g.get("random_r2_order_effect"), g.get("random_spearman"), g.get("all_r2_order_effect"),
+    growth = [[g["epochs"], g.get("damping"), g.get("random_r2_order_effect"), g.get("random_spearman"), g.get("all_r2_order_effect"),
                g.get("all_absdiff_ppl"), g.get("naive_absdiff_ppl_all"), g.get("all_bias_ppl")]
               for g in m["error_growth"]]
-    lines = table(growth, ["epochs", "random R²", "random Spearman", "all R²", "all mean abs ΔPPL",
+    lines = table(growth, ["epochs", "damping λ", "random R²", "random Spearman", "all R²", "all mean abs ΔPPL",
                            "naive's mean abs ΔPPL", "all bias PPL"])
     for e, blk in m["by_epochs"].items():
         lines += ["", f"**{e} epochs, test orders (scored once):**", "", *family_table(blk["test"]), "",

@@ -82,9 +82,8 @@ class SequenceCache:
                 out[k] = self.run.loss.grad(theta_at(i), self.sequences[i: i + 1].to(self.run.device)).cpu()
         return out, time.perf_counter() - t0
 
-    def _own_curvature(self, own: torch.Tensor, progress: bool) -> tuple[torch.Tensor, float]:
-        """[n, d] H(θ_j, x_i) P̄ g(θ_j, x_i) for sequence i of batch j, and the seconds."""
-        precond = self.store.subspace_sources().precond
+    def _own_curvature(self, own: torch.Tensor, precond: torch.Tensor, progress: bool) -> tuple[torch.Tensor, float]:
+        """[n, d] H(θ_j, x_i) P̄ g(θ_j, x_i) for sequence i of batch j (P̄ = `precond`), and the seconds."""
         out = torch.empty_like(own)
         t0 = time.perf_counter()
         for i in tqdm(range(self.n), desc="own-direction curvature", disable=not progress, leave=False):
@@ -114,15 +113,17 @@ class SequenceCache:
             save_tensors(path, {"own": own, "after": after},
                          {**self.meta, "build": {"grad_seconds": s1 + s2}, "gradients": 2 * self.n})
             visits = {"own": own, "after": after}
+        base = None       # the batch-level sources (their P̄ reads T checkpoints): asked for once, if needed
         path = self.path(CURVATURE)
         if self._load(path) is None:
-            h, sec = self._own_curvature(visits["own"], progress)
+            base = self.store.subspace_sources()
+            h, sec = self._own_curvature(visits["own"], base.precond, progress)
             save_tensors(path, {"h": h}, {**self.meta, "build": {"hvp_seconds": sec}, "hvps": self.n})
         path = self.path(SUBSPACE)
         tensors = self._load(path, SUBSPACE_SOURCES)
         if tensors is None:
             t0 = time.perf_counter()
-            sub = self.fit_subspace(self.sources())
+            sub = self.fit_subspace(self.sources(base))
             save_tensors(path, sub.tensors(), {**self.meta, **SUBSPACE_SOURCES, "subspace": sub.metadata(),
                                                "build": {"subspace_seconds": time.perf_counter() - t0}})
             return sub
@@ -137,11 +138,11 @@ class SequenceCache:
         tensors, meta = load_tensors(path, {**self.meta, **SUBSPACE_SOURCES})
         return Subspace.from_tensors(tensors, meta["subspace"])
 
-    def sources(self) -> SubspaceSources:
-        """The batch-level cache's sources with the sequences as units: pairs, own and after-step gradients per
-        sequence, the reference's batch t as the mean of its b sequences, and each sequence's own-direction
-        curvature along its own-step gradient."""
-        base = self.store.subspace_sources()
+    def sources(self, base: SubspaceSources | None = None) -> SubspaceSources:
+        """The batch-level cache's sources (`base`, read from it if not given) with the sequences as units: pairs,
+        own and after-step gradients per sequence, the reference's batch t as the mean of its b sequences, and
+        each sequence's own-direction curvature along its own-step gradient."""
+        base = base if base is not None else self.store.subspace_sources()
         keys = base.eigen_keys
         layout = basis_layout(self.n, len(self.checkpoints), [self.params.cache.curvature_rank] * len(keys),
                               own_curvature=self.n)

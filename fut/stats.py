@@ -26,20 +26,28 @@ def r2_order_effect(est: np.ndarray, true: np.ndarray, naive: float) -> float | 
     return float(1 - np.sum((est - true) ** 2) / den) if den > 0 else None
 
 
-def bootstrap_ci(statistic: Callable[[np.ndarray], float | None], strata: Sequence[int], n_boot: int,
-                 seed: int) -> list[float] | None:
-    """95% percentile interval of `statistic(indices)` over resamples drawn within each stratum (each order
-    family keeps its size, so a pooled interval is not a different mix of families)."""
+def resamples(strata: Sequence[int], n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n] indices, each row drawn with replacement within each stratum (each order family keeps its
+    size, so a pooled interval is not a different mix of families)."""
     strata = np.asarray(strata)
     groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
-        v = statistic(idx)
-        if v is not None and np.isfinite(v):
-            values.append(v)
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else None
+    return np.stack([np.concatenate([rng.choice(g, len(g)) for g in groups]) for _ in range(n_boot)])
+
+
+def interval(values: np.ndarray) -> list[float] | None:
+    """95% percentile interval of the finite values (NaN marks a resample whose statistic is undefined)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else None
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], np.ndarray], strata: Sequence[int], n_boot: int,
+                 seed: int) -> list[float] | None:
+    """95% percentile interval of a statistic over stratified resamples. `statistic` maps the [n_boot, n]
+    matrix of resampled indices to one value per resample (NaN where undefined): every resample is scored in
+    one vectorised call."""
+    return interval(statistic(resamples(strata, n_boot, seed)))
 
 
 def mean_ci(values: Sequence[float], n_boot: int, seed: int) -> tuple[float, float]:
@@ -47,8 +55,29 @@ def mean_ci(values: Sequence[float], n_boot: int, seed: int) -> tuple[float, flo
     x = np.asarray(values, dtype=float)
     if len(x) == 1:
         return float(x[0]), float(x[0])
-    lo, hi = bootstrap_ci(lambda i: float(x[i].mean()), [0] * len(x), n_boot, seed)
+    lo, hi = bootstrap_ci(lambda i: x[i].mean(axis=1), [0] * len(x), n_boot, seed)
     return lo, hi
+
+
+def rowwise_rank_correlation(x: np.ndarray, y: np.ndarray, kind: str = "spearman") -> np.ndarray:
+    """rank_correlation of each row pair of two [B, n] arrays at once, NaN where it is None. Spearman: Pearson
+    correlation of average ranks; Kendall: tau-b, (concordant − discordant) pairs over the square roots of the
+    pairs untied in x and untied in y, as scipy computes them."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    out = np.full(x.shape[0], np.nan)
+    ok = (x.shape[1] >= 3) & (np.ptp(x, axis=1) > 0) & (np.ptp(y, axis=1) > 0)
+    x, y = x[ok], y[ok]
+    if kind == "spearman":
+        rx, ry = stats.rankdata(x, axis=1), stats.rankdata(y, axis=1)
+        rx, ry = rx - rx.mean(axis=1, keepdims=True), ry - ry.mean(axis=1, keepdims=True)
+        r = (rx * ry).sum(axis=1) / np.sqrt((rx * rx).sum(axis=1)) / np.sqrt((ry * ry).sum(axis=1))
+    else:
+        upper = np.triu(np.ones((x.shape[1],) * 2, dtype=bool), k=1)
+        sx = np.sign(x[:, :, None] - x[:, None, :])[:, upper]
+        sy = np.sign(y[:, :, None] - y[:, None, :])[:, upper]
+        r = (sx * sy).sum(axis=1) / np.sqrt((sx * sx).sum(axis=1)) / np.sqrt((sy * sy).sum(axis=1))
+    out[ok] = np.clip(r, -1.0, 1.0)
+    return out
 
 
 METRICS = ("spearman", "kendall", "r2_order_effect", "bias_ppl", "absdiff_ppl", "rel_err")
@@ -67,19 +96,27 @@ def accuracy(est_loss: np.ndarray, true_loss: np.ndarray, naive_loss: float, n_b
     if n_bad:
         return {**dict.fromkeys(METRICS), **{f"{k}_ci": None for k in METRICS}, "n": n, "n_non_finite": n_bad}
 
-    def metric(name: str, i: np.ndarray):
+    def metric(name: str, i: np.ndarray) -> np.ndarray:
+        """The metric of every row of the index matrix `i` ([B, m]), NaN where undefined."""
         e, t = est_loss[i], true_loss[i]
         if name in ("spearman", "kendall"):
-            return rank_correlation(e, t, name)
+            return rowwise_rank_correlation(e, t, name)
         if name == "r2_order_effect":
-            return r2_order_effect(e, t, naive_loss)
+            den = ((naive_loss - t) ** 2).sum(axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.where(den > 0, 1 - ((e - t) ** 2).sum(axis=1) / den, np.nan)
         err = est_ppl[i] - true_ppl[i]
-        return float({"bias_ppl": err.mean(), "absdiff_ppl": np.abs(err).mean(),
-                      "rel_err": (np.abs(err) / true_ppl[i]).mean()}[name])
+        return {"bias_ppl": err.mean(axis=1), "absdiff_ppl": np.abs(err).mean(axis=1),
+                "rel_err": (np.abs(err) / true_ppl[i]).mean(axis=1)}[name]
 
-    everything = np.arange(n)
-    out = {name: metric(name, everything) for name in METRICS}
-    strata = [0] * n if strata is None else strata
-    out.update({f"{name}_ci": bootstrap_ci(lambda i, name=name: metric(name, i), strata, n_boot, seed)
-                for name in METRICS})
+    def point(name: str) -> float | None:
+        if name in ("spearman", "kendall"):
+            return rank_correlation(est_loss, true_loss, name)
+        if name == "r2_order_effect":
+            return r2_order_effect(est_loss, true_loss, naive_loss)
+        return float(metric(name, np.arange(n)[None])[0])
+
+    out = {name: point(name) for name in METRICS}
+    idx = resamples([0] * n if strata is None else strata, n_boot, seed)
+    out.update({f"{name}_ci": interval(metric(name, idx)) for name in METRICS})
     return {**out, "n": n, "n_non_finite": 0}

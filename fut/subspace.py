@@ -4,11 +4,14 @@ With the second moment frozen at the reference's (measured: it changes the estim
 AdamW's deviation from the reference trajectory is linear. For an order σ, with μ_t = m_t(σ) − m_t the first-moment
 difference and δ_t = γ_t − θ_t the parameter deviation:
 
-    μ_{t+1} = β1 μ_t + (1 − β1) (f_{t,σ(t)} + H_{σ(t)} δ_t),        δ_{t+1} = a_t δ_t − b_t P̄ μ_{t+1},
+    μ_{t+1} = β1 μ_t + (1 − β1) (f_{t,σ(t)} + H_{σ(t)} δ_t + λ P̄⁻¹ δ_t),        δ_{t+1} = a_t δ_t − b_t P̄ μ_{t+1},
 
 where f_{t,j} = ĝ(θ_t, B_j) − g(θ_t, B_t) is the gradient the order feeds in instead of the reference's, P̄ the
 reference's Adam preconditioner 1/(√v̂ + ε) at mid-window (b_t carries each step's bias corrections), a_t = 1 − η_t λ
-and H_j ≈ U Λ Uᵀ the cached top eigenspace of the Hessian of a batch of B_j's domain. Every vector the recursion
+and H_j ≈ U Λ Uᵀ the cached top eigenspace of the Hessian of a batch of B_j's domain. λ ≥ 0 (`damping`, 0 unless
+chosen on dev orders: the multi-epoch replays) is a restoring curvature λ P̄⁻¹, uniform in Adam's geometry, for the
+rest of the spectrum, which the eigenspaces miss and which makes training forget an order's early differences
+over several epochs; in coefficients it adds λ s. Every vector the recursion
 creates lies in the span of the basis B = [pair gradients g(θ_c, B_j) at a few checkpoints c, the reference's own
 gradients g(θ_t, B_t), the gradients after each batch's own step g(θ_{j+1}, B_j), the eigenvectors U]: μ = Bᵀq and
 δ = P̄ Bᵀs. So the replay runs on coefficient vectors of length N = |B| (a few hundred), reading B only through its
@@ -117,6 +120,7 @@ class Subspace:
     # `own_rows` [U, K]; None when not used.
     own_curv: torch.Tensor | None = None
     own_rows: torch.Tensor | None = None
+    damping: float = 0.0                 # λ: the restoring term λ P̄⁻¹ δ (module docstring)
 
     @property
     def dim(self) -> int:
@@ -143,11 +147,13 @@ class Subspace:
                    batch_group=t["batch_group"].tolist(), group_names=meta["group_names"], step_block=t["step_block"],
                    lin=t["lin"], a=t["a"], b=t["b"], beta1=meta["beta1"], readout_coef=t["readout_coef"],
                    precond_drift=meta["precond_drift"], knot_disagreement=meta["knot_disagreement"],
-                   own_curv=t.get("own_curv"), own_rows=t.get("own_rows"))
+                   own_curv=t.get("own_curv"), own_rows=t.get("own_rows"),
+                   damping=meta.get("damping", 0.0))          # files written before λ existed replay without it
 
     def metadata(self) -> dict:
         return {"eig_keys": [list(k) for k in self.eig_keys], "group_names": self.group_names, "beta1": self.beta1,
-                "precond_drift": self.precond_drift, "knot_disagreement": self.knot_disagreement}
+                "precond_drift": self.precond_drift, "knot_disagreement": self.knot_disagreement,
+                "damping": self.damping}
 
     # --- the replay -------------------------------------------------------------------------------------
 
@@ -176,18 +182,17 @@ class Subspace:
         S = torch.zeros(n, self.dim, dtype=dt)
         Q = torch.zeros_like(S)
         for t in range(steps):
-            inc = forcing[t, units[:, t, 0]] if m == 1 else forcing[t][units[:, t]].mean(1)   # [n, N], a copy
+            inc = forcing[t][units[:, t]].mean(1)                        # [n, N]: the mean of the units' terms
             for g in share[:, t].nonzero()[:, 1].unique().tolist():
                 rows = share[:, t, g].nonzero().flatten()
                 cols, vals, G = blocks[int(self.step_block[t, g])]
-                term = (S[rows] @ G) * vals                              # U δ = (B P̄ Bᵀ)[U rows] s
-                inc[rows, cols.start: cols.stop] += term if m == 1 else term * share[rows, t, g, None]
-            if self.own_curv is not None and m == 1:                   # Σ_k c_{u,k} (g_{u,k}ᵀ δ)
-                u = units[:, t, 0]
-                inc += torch.einsum("nk,nkd->nd", torch.einsum("nkd,nd->nk", own_gram[u], S), own_curv[u])
-            elif self.own_curv is not None:                            # the mean of the batch's units' terms
+                # U δ = (B P̄ Bᵀ)[U rows] s, weighted by the group's share of the step's units
+                inc[rows, cols.start: cols.stop] += (S[rows] @ G) * vals * share[rows, t, g, None]
+            if self.own_curv is not None:                            # Σ_k c_{u,k} (g_{u,k}ᵀ δ), mean over units
                 u = units[:, t]
                 inc += torch.einsum("nmk,nmkd->nd", torch.einsum("nmkd,nd->nmk", own_gram[u], S), own_curv[u]) / m
+            if self.damping:                                          # λ P̄⁻¹ δ = Bᵀ (λ s)
+                inc += self.damping * S
             Q.mul_(self.beta1).add_(inc, alpha=1 - self.beta1)
             S.mul_(float(self.a[t])).sub_(Q, alpha=float(self.b[t]))
         return S.double()
@@ -258,10 +263,10 @@ def interpolation(t: int, j: int, pair_checkpoints: Sequence[int], visits: Seque
 
 def build_subspace(src: SubspaceSources, probe_readout: Callable[[torch.Tensor], torch.Tensor] | None,
                    base_loss: float, probes: int, seed: int, progress: Callable[[str], None] = lambda s: None,
-                   probe_sigma: torch.Tensor | None = None) -> Subspace:
-    """The matrices of the closed-form replay, and the quadratic readout's coefficients fitted to
-    `probe_readout(δ [n, d]) -> exact eval losses [n]` on `probes` seeded random and domain-block orders (or on
-    `probe_sigma`, orders of the units, where the units are not one epoch's batches)."""
+                   probe_sigma: torch.Tensor | None = None, damping: float = 0.0) -> Subspace:
+    """The matrices of the closed-form replay with damping λ = `damping`, and the quadratic readout's coefficients
+    fitted to `probe_readout(δ [n, d]) -> exact eval losses [n]` on `probes` seeded random and domain-block orders
+    (or on `probe_sigma`, orders of the units, where the units are not one epoch's batches)."""
     S_, hp, cks = len(src.lrs), src.hp, list(src.pair_checkpoints)
     U, visits = len(src.groups), src.unit_visits()
     group_names = sorted(set(src.groups))
@@ -298,7 +303,7 @@ def build_subspace(src: SubspaceSources, probe_readout: Callable[[torch.Tensor],
                    batch_group=[group_names.index(g) for g in src.groups], group_names=group_names,
                    step_block=torch.tensor([[block_at(t, g) for g in group_names] for t in range(S_)]),
                    lin=lin, a=a, b=b, beta1=hp.beta1, readout_coef=torch.zeros(len(group_names) + 1, dtype=torch.float64),
-                   precond_drift=src.precond_drift)
+                   precond_drift=src.precond_drift, damping=damping)
     if src.own_directions:
         sub.own_rows, sub.own_curv = _own_curvature(gram, src.own_directions, layout, src.groups, block_at,
                                                      [v.double() for v in src.eigen_values])
@@ -307,10 +312,7 @@ def build_subspace(src: SubspaceSources, probe_readout: Callable[[torch.Tensor],
         probe_sigma = torch.tensor(probe_orders(S_, src.groups, probes, seed))
     if probe_readout is not None and len(probe_sigma) > 0:
         progress(f"subspace: quadratic readout fitted to the exact readout of {len(probe_sigma)} probe orders")
-        S = sub.replay(probe_sigma)
-        exact = probe_readout(delta(S, src.rows, src.precond, src.dim, src.chunk)).double()
-        f = sub.readout_features(S)
-        sub.readout_coef = torch.linalg.lstsq(f[:, 1:], (exact - base_loss - f[:, 0])[:, None]).solution.flatten()
+        sub.readout_coef = fit_readout(sub, src, probe_readout, base_loss, probe_sigma)
     sigma = probe_sigma if given or len(probe_sigma) >= 16 else torch.tensor(probe_orders(S_, src.groups, 16, seed))
     if S_ in cks and len(cks) > 1 and len(sigma) > 0:
         progress("subspace: knot disagreement (the estimate without the pairs at the end) on the probe orders")
@@ -320,6 +322,16 @@ def build_subspace(src: SubspaceSources, probe_readout: Callable[[torch.Tensor],
         est, other = sub.quadratic(sub.replay(sigma), base_loss), sub.quadratic(alt.replay(sigma), base_loss)
         sub.knot_disagreement = float(((est - other).abs() / (est - base_loss).abs().clamp_min(1e-12)).median())
     return sub
+
+
+def fit_readout(sub: Subspace, src: SubspaceSources, probe_readout: Callable[[torch.Tensor], torch.Tensor],
+                base_loss: float, probe_sigma: torch.Tensor) -> torch.Tensor:
+    """The quadratic readout's coefficients (c_g, κ): least squares against the exact readout of the probe orders'
+    replayed δ."""
+    S = sub.replay(probe_sigma)
+    exact = probe_readout(delta(S, src.rows, src.precond, src.dim, src.chunk)).double()
+    f = sub.readout_features(S)
+    return torch.linalg.lstsq(f[:, 1:], (exact - base_loss - f[:, 0])[:, None]).solution.flatten()
 
 
 def _own_curvature(gram: torch.Tensor, directions: list[list[int]], layout: dict, groups: Sequence[str],

@@ -207,7 +207,7 @@ def test_scaling_points_span_the_tokens_and_model_sizes_the_benchmark_claims(tmp
     assert 0.5e6 < n_params[0] < 2e6 and 15e6 < n_params[-1] < 25e6   # about 1M to 20M parameters
 
 
-def test_epoch_curvature_scores_three_replays_on_dev_orders_only(artefacts, tiny_truth, tmp_path):
+def test_epoch_curvature_scores_three_replays_and_the_dampings_on_dev_orders_only(artefacts, tiny_truth, tmp_path):
     from fut.multi_epoch import multi_epoch
     params, data_dir, ref_dir, cache_dir, _ = tiny_truth
     multi_epoch(params, data_dir, ref_dir, cache_dir, tmp_path / "me")
@@ -215,17 +215,24 @@ def test_epoch_curvature_scores_three_replays_on_dev_orders_only(artefacts, tiny
     out = tmp_path / "epoch_curvature.json"
     args = [*common, "--cache", a["cache"], "--multi-epoch", str(tmp_path / "me"), "--extra", "1", "1", "1",
             "--work", str(tmp_path / "work"), "--out", str(out)]
-    printed = run_script("epoch_curvature.py", *args)
+    printed = run_script("epoch_curvature.py", *args, "--damping", "0", "5")
     r = json.loads(out.read_text())
     E = params.multi_epoch.epochs[0]
-    keys = {f"E={E} {c} {k}" for c in ("pair and visits", "pair at 0", "none") for k in ("quadratic", "exact")}
+    labels = ("pair and visits", "pair at 0", "none", "pair and visits, damping 0", "pair and visits, damping 5")
+    keys = {f"E={E} {c} {k}" for c in labels for k in ("quadratic", "exact")}
     assert r["split"] == "dev" and set(r["results"]) == keys and "| R² random |" in printed
     n_dev = sum(params.multi_epoch.dev.values())
     assert all(x["all"]["n"] == n_dev + 3 for x in r["results"].values())
-    assert len({json.dumps(r["results"][f"E={E} {c} exact"]) for c in ("pair and visits", "pair at 0", "none")}) == 3
-    taken = subprocess.run([sys.executable, "benchmarks/epoch_curvature.py", *args[:-2], "--seed",
-                            str(params.multi_epoch.seed)], cwd=ROOT, capture_output=True, text=True)
-    assert taken.returncode == 2 and "--seed must differ" in taken.stderr
+    assert len({json.dumps(r["results"][f"E={E} {c} exact"]) for c in labels[:3]}) == 3
+    # λ = 0 is the adopted replay itself; another λ changes the estimates; the chosen one is one of those tried
+    assert r["results"][f"E={E} {labels[3]} exact"] == r["results"][f"E={E} {labels[0]} exact"]
+    assert r["results"][f"E={E} {labels[4]} exact"] != r["results"][f"E={E} {labels[0]} exact"]
+    assert r["chosen_damping"][str(E)] in (0, 5) and "chosen: E = " in printed
+    for bad, needle in ((["--seed", str(params.multi_epoch.seed)], "--seed must differ"),
+                        (["--damping", "-1"], "--damping must be >= 0")):
+        taken = subprocess.run([sys.executable, "benchmarks/epoch_curvature.py", *args[:-2], *bad], cwd=ROOT,
+                               capture_output=True, text=True)
+        assert taken.returncode == 2 and needle in taken.stderr
 
 
 def test_epoch_deviation_compares_the_replay_with_training_every_half_epoch(artefacts, tiny_truth, tmp_path):

@@ -88,6 +88,24 @@ def test_stored_replays_of_another_source_layout_are_refused_and_rebuilt(ctx, tm
     SequenceCache(ctx.cache, tmp_path / "seq").subspace()
 
 
+def test_an_epoch_cache_of_another_damping_is_refused_and_rebuilt_with_the_params_damping(ctx, tmp_path):
+    """multi_epoch.damping[E] is part of the E-epoch file's provenance: estimates refuse a file replayed with
+    another λ, and the stage rebuilds it with the λ of the params."""
+    import copy
+    import dataclasses
+    from fut.storage import ArtefactMismatch
+    sub, _ = EpochReference(ctx.cache, 2, tmp_path).load_or_build()
+    store = copy.copy(ctx.cache)
+    store.params = dataclasses.replace(ctx.cache.params, multi_epoch=dataclasses.replace(
+        ctx.cache.params.multi_epoch, damping={"2": sub.damping + 5.0}))
+    with pytest.raises(ArtefactMismatch, match="damping"):
+        EpochReference(store, 2, tmp_path).load()
+    rebuilt, _ = EpochReference(store, 2, tmp_path).load_or_build()
+    assert rebuilt.damping == sub.damping + 5.0 and EpochReference(store, 2, tmp_path).load()[0].damping == 5.0 + sub.damping
+    order = as_units([list(reversed(range(ctx.T))) * 2])
+    assert not torch.equal(rebuilt.replay(order), sub.replay(order))
+
+
 def test_the_studies_report_blocks_costs_and_applications(tiny_truth, tmp_path):
     params, data_dir, ref_dir, cache_dir, _ = tiny_truth
     rows, m = sample_orders(params, data_dir, ref_dir, cache_dir, tmp_path / "sample")

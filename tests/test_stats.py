@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from fut.stats import accuracy, bootstrap_ci, r2_order_effect
+from fut.stats import (accuracy, bootstrap_ci, r2_order_effect, rank_correlation, resamples,
+                       rowwise_rank_correlation)
 
 TRUE = np.array([5.50, 5.52, 5.57, 5.60, 5.61])
 NAIVE = 5.56
@@ -40,7 +41,44 @@ def test_stratified_bootstrap_keeps_every_strata_size():
     """Each resample draws within each stratum: a statistic that counts stratum 1's members is constant."""
     strata = [0] * 7 + [1] * 3
     seen = []
-    ci = bootstrap_ci(lambda i: seen.append(i) or float(np.sum(np.asarray(strata)[i] == 1)), strata, 40, 0)
-    assert ci == [3.0, 3.0] and len(seen) == 40 and all(len(i) == 10 for i in seen)
-    free = bootstrap_ci(lambda i: float(np.sum(np.asarray(strata)[i] == 1)), [0] * 10, 200, 0)
+    ci = bootstrap_ci(lambda i: seen.append(i) or (np.asarray(strata)[i] == 1).sum(axis=1), strata, 40, 0)
+    assert ci == [3.0, 3.0] and len(seen) == 1 and seen[0].shape == (40, 10)    # one call scores every resample
+    free = bootstrap_ci(lambda i: (np.asarray(strata)[i] == 1).sum(axis=1), [0] * 10, 200, 0)
     assert free[0] < 3.0 < free[1]                          # unstratified, the mix of families varies
+
+
+def test_undefined_resamples_are_left_out_of_the_interval():
+    """A statistic undefined (NaN) on some resamples: the interval is that of the others; on all: None."""
+    x = np.arange(10.0)
+    assert bootstrap_ci(lambda i: np.where(i[:, 0] % 2 == 0, x[i].mean(axis=1), np.nan), [0] * 10, 200, 0) is not None
+    assert bootstrap_ci(lambda i: np.full(len(i), np.nan), [0] * 10, 200, 0) is None
+
+
+@pytest.mark.parametrize("kind", ["spearman", "kendall"])
+def test_rowwise_rank_correlation_is_scipys_on_every_row(kind):
+    """The vectorised Spearman and Kendall tau-b of the bootstrap equal scipy's row by row, ties included (rounded
+    rows and the repeated indices of a resample), and are NaN exactly where rank_correlation is None."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 9))
+    y = np.round(x + rng.normal(size=x.shape), 0)                     # many ties
+    y[:5] = 1.0                                                       # constant rows: no ranking
+    x[5:10] = x[5:10, rng.integers(0, 9, 9)]                          # a resample's repeated indices
+    got = rowwise_rank_correlation(x, y, kind)
+    ref = np.array([np.nan if (r := rank_correlation(a, b, kind)) is None else r for a, b in zip(x, y)])
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got[~np.isnan(got)], ref[~np.isnan(ref)], rtol=0, atol=1e-14)
+    assert np.isnan(rowwise_rank_correlation(x[:, :2], y[:, :2], kind)).all()     # fewer than 3 values
+
+
+def test_interval_of_a_metric_is_the_percentiles_of_that_metric_on_each_resample():
+    """accuracy's intervals against a direct loop over the same resamples with the scalar metrics."""
+    rng = np.random.default_rng(1)
+    true = rng.normal(5.5, 0.03, 12)
+    est = true + rng.normal(0, 0.01, 12)
+    strata = [0] * 8 + [1] * 4
+    out = accuracy(est, true, 5.5, 300, 3, strata)
+    idx = resamples(strata, 300, 3)
+    r2 = [r2_order_effect(est[i], true[i], 5.5) for i in idx]
+    rho = [rank_correlation(est[i], true[i]) for i in idx]
+    assert out["r2_order_effect_ci"] == pytest.approx(list(np.percentile(r2, [2.5, 97.5])), abs=1e-14)
+    assert out["spearman_ci"] == pytest.approx(list(np.percentile(rho, [2.5, 97.5])), abs=1e-14)

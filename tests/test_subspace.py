@@ -173,9 +173,10 @@ def unit_sources(units: int, steps: int, visits, reference, groups, seed: int = 
     return src, raw
 
 
-def unit_recursion(src: SubspaceSources, raw: dict, order: list[list[int]]) -> torch.Tensor:
+def unit_recursion(src: SubspaceSources, raw: dict, order: list[list[int]], damping: float = 0.0) -> torch.Tensor:
     """The full-space recursion over units, written out: a step's gradient is the mean over its units of each
-    unit's interpolated gradient plus its group's curvature term, minus the same for the reference's units."""
+    unit's interpolated gradient plus its group's curvature term, minus the same for the reference's units, plus
+    the damping's restoring term λ P̄⁻¹ δ."""
     steps = len(src.lrs)
     bc2_mid = 1 - HP.beta2 ** src.adam_steps[steps // 2]
     visits = {u: [(row, s) for row, (uu, s) in enumerate(src.visits) if uu == u] for u in range(len(src.groups))}
@@ -205,7 +206,8 @@ def unit_recursion(src: SubspaceSources, raw: dict, order: list[list[int]]) -> t
     for t, batch in enumerate(order):
         force = torch.stack([g_hat(t, u) for u in batch]).mean(0) - torch.stack(
             [g_hat(t, u) for u in src.reference[t]]).mean(0)
-        mu = HP.beta1 * mu + (1 - HP.beta1) * (force + torch.stack([curvature(u, delta_) for u in batch]).mean(0))
+        mu = HP.beta1 * mu + (1 - HP.beta1) * (force + torch.stack([curvature(u, delta_) for u in batch]).mean(0)
+                                               + damping * delta_ / P)
         n = src.adam_steps[t]
         b = src.lrs[t] / (1 - HP.beta1 ** n) * math.sqrt((1 - HP.beta2 ** n) / bc2_mid)
         delta_ = (1 - src.lrs[t] * HP.weight_decay) * delta_ - b * P * mu
@@ -331,3 +333,26 @@ def test_several_own_directions_per_batch_replay_as_the_recursion_even_when_two_
         want = unit_recursion(src, raw, [[j] for j in order])
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     assert torch.count_nonzero(sub.replay(torch.tensor([[0, 1, 2, 0, 1, 2]]))) == 0
+
+
+def test_damped_replay_is_the_recursion_with_its_restoring_term_and_keeps_the_reference_exact():
+    """Batches visited twice with own-direction curvature and damping λ: the replay is the full-space recursion
+    with λ P̄⁻¹ δ added to every step's gradient, it shrinks δ against the undamped replay, the identity order
+    still gives δ = 0, and λ is stored with the matrices."""
+    steps, epochs, lam = 3, 2, 20.0
+    S_ = steps * epochs
+    src, raw = unit_sources(steps, S_, [(t % steps, t) for t in range(S_)], [[t % steps] for t in range(S_)],
+                            ["a", "b", "a"], own_curvature=True)
+    none = torch.zeros(0, S_, dtype=torch.long)
+    damped = build_subspace(src, None, 0.0, 0, 0, probe_sigma=none, damping=lam)
+    plain = build_subspace(src, None, 0.0, 0, 0, probe_sigma=none)
+    orders = [[2, 1, 0, 2, 1, 0], [1, 0, 2, 0, 2, 1]]
+    got = delta(damped.replay(torch.tensor(orders)), src.rows, src.precond, D, src.chunk).double()
+    undamped = delta(plain.replay(torch.tensor(orders)), src.rows, src.precond, D, src.chunk).double()
+    for i, order in enumerate(orders):
+        want = unit_recursion(src, raw, [[j] for j in order], damping=lam)
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+        assert float(want.norm()) < float(undamped[i].norm())
+    assert torch.count_nonzero(damped.replay(torch.tensor([[0, 1, 2, 0, 1, 2]]))) == 0
+    back = type(damped).from_tensors(damped.tensors(), damped.metadata())
+    assert back.damping == lam and torch.equal(back.replay(torch.tensor(orders)), damped.replay(torch.tensor(orders)))
