@@ -70,6 +70,16 @@ def test_rowwise_rank_correlation_is_scipys_on_every_row(kind):
     assert np.isnan(rowwise_rank_correlation(x[:, :2], y[:, :2], kind)).all()     # fewer than 3 values
 
 
+def test_kendall_in_chunks_of_rows_is_the_same(monkeypatch):
+    """The pairwise signs are built a few rows at a time (bounded memory for many orders): the same taus."""
+    import fut.stats
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(50, 9)), np.round(rng.normal(size=(50, 9)), 0)
+    whole = rowwise_rank_correlation(x, y, "kendall")
+    monkeypatch.setattr(fut.stats, "KENDALL_PAIRS", 3 * 9 * 9)           # 3 rows at a time
+    np.testing.assert_array_equal(rowwise_rank_correlation(x, y, "kendall"), whole)
+
+
 def test_interval_of_a_metric_is_the_percentiles_of_that_metric_on_each_resample():
     """accuracy's intervals against a direct loop over the same resamples with the scalar metrics."""
     rng = np.random.default_rng(1)
