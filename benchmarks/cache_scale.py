@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # this checkout's fut, not an installed one
 
+from benchmarks.options import pipeline_paths  # noqa: E402
 from fut import config, estimators, protocol  # noqa: E402
 from fut.cache import MANIFEST, SUBSPACE, CacheBuilder, UpdateCache, build_cache, cache_provenance  # noqa: E402
 from fut.costs import measured  # noqa: E402
@@ -68,11 +69,7 @@ def as_bfloat16(run: ReferenceRun, cache_dir: Path, out: Path) -> ReferenceRun:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    ap.add_argument("--data", type=Path, default=ROOT / "data/prepared")
-    ap.add_argument("--reference", type=Path, default=ROOT / "data/reference")
-    ap.add_argument("--cache", type=Path, default=ROOT / "data/cache")
-    ap.add_argument("--groundtruth", type=Path, default=ROOT / "data/groundtruth")
+    pipeline_paths(ap, "--cache", "--groundtruth")
     ap.add_argument("--methods", nargs="+", default=None, help="default: estimate.default and its exact readout")
     ap.add_argument("--workdir", type=Path, default=ROOT / "data",
                     help="where the temporary caches go (they are about the cache's size)")

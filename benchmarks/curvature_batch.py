@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # this checkout's fut, not an installed one
 
+from benchmarks.options import pipeline_paths  # noqa: E402
 from fut import config, estimators, protocol  # noqa: E402
 from fut.cache import batch_group, curvature_batches  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
@@ -50,11 +51,7 @@ def with_curvature_batches(ctx: EstimationContext, kind: str) -> EstimationConte
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    ap.add_argument("--data", type=Path, default=ROOT / "data/prepared")
-    ap.add_argument("--reference", type=Path, default=ROOT / "data/reference")
-    ap.add_argument("--cache", type=Path, default=ROOT / "data/cache")
-    ap.add_argument("--groundtruth", type=Path, default=ROOT / "data/groundtruth")
+    pipeline_paths(ap, "--cache", "--groundtruth")
     ap.add_argument("--orders", type=int, default=12, help="dev orders, half random, half structured (0: all)")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["hvp", "hvp-domain", "eig"])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/curvature_batch.json")

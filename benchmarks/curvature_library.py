@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))   # this checkout's fut and checks/, not installed
 
 from curvlinops import HessianLinearOperator, KFACLinearOperator  # noqa: E402
 
+from benchmarks.options import pipeline_paths  # noqa: E402
 from fut import config, protocol  # noqa: E402
 from fut.cache import BASIS_FLOATS, UpdateCache, curvature_batches  # noqa: E402
 from fut.curvature import lanczos_top_eigen  # noqa: E402
@@ -353,11 +354,7 @@ def table(r: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="the tests' tiny params on a temporary tiny pipeline")
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    ap.add_argument("--data", type=Path, default=ROOT / "data/prepared")
-    ap.add_argument("--reference", type=Path, default=ROOT / "data/reference")
-    ap.add_argument("--cache", type=Path, default=ROOT / "data/cache")
-    ap.add_argument("--groundtruth", type=Path, default=ROOT / "data/groundtruth")
+    pipeline_paths(ap, "--cache", "--groundtruth")
     ap.add_argument("--maxiter", type=int, default=None,
                     help="ARPACK restarts at most (default 4, about twice Lanczos's products; 10 with --tiny)")
     ap.add_argument("--tol", type=float, default=1e-2,

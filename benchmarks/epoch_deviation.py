@@ -17,11 +17,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.options import pipeline_paths  # noqa: E402
 from fut import config, protocol  # noqa: E402
 from fut.epochs import EpochReference, epoch_checkpoints  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
@@ -35,12 +34,8 @@ from fut.training import run_window  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    pipeline_paths(ap, "--cache", "--multi-epoch")
     ap.add_argument("--epochs", type=int, nargs="+", default=None, help="default: multi_epoch.epochs")
-    ap.add_argument("--data", type=Path, default=ROOT / "data/prepared")
-    ap.add_argument("--reference", type=Path, default=ROOT / "data/reference")
-    ap.add_argument("--cache", type=Path, default=ROOT / "data/cache")
-    ap.add_argument("--multi-epoch", type=Path, default=ROOT / "data/multi_epoch", help="the multi_epoch stage's output")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/epoch_deviation.json")
     args = ap.parse_args(argv)
     params = config.load(args.params)

@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # this checkout's fut, not an installed one
 
+from benchmarks.options import pipeline_paths  # noqa: E402
 from fut import config, estimators, protocol  # noqa: E402
 from fut.cache import CacheBuilder, shard_path  # noqa: E402
 from fut.costs import fair_retrain_seconds, median_seconds  # noqa: E402
@@ -48,13 +49,9 @@ def readouts(method: str) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    ap.add_argument("--data", type=Path, default=ROOT / "data/prepared")
-    ap.add_argument("--reference", type=Path, default=ROOT / "data/reference")
-    ap.add_argument("--cache", type=Path, default=ROOT / "data/cache")
+    pipeline_paths(ap, "--cache", "--groundtruth")
     ap.add_argument("--projection", type=Path, default=ROOT / "data/projection",
                     help="read only by the projected methods (tracin, fut:projected)")
-    ap.add_argument("--groundtruth", type=Path, default=ROOT / "data/groundtruth")
     ap.add_argument("--orders", type=int, default=8, help="random dev orders timed per method")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/estimator_speed.json")

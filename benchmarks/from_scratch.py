@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.options import pipeline_paths  # noqa: E402
 from fut import config, estimators  # noqa: E402
 from fut.cache import UpdateCache, build_cache  # noqa: E402
 from fut.costs import fair_retrain_seconds  # noqa: E402
@@ -49,9 +50,7 @@ def minimal_params(params: config.Params) -> config.Params:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    ap.add_argument("--data", type=Path, default=ROOT / "data/prepared")
-    ap.add_argument("--reference", type=Path, default=ROOT / "data/reference")
+    pipeline_paths(ap)
     ap.add_argument("--pipeline-cache", type=Path, default=ROOT / "data/cache")
     ap.add_argument("--orders", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--retrains", type=int, default=5)

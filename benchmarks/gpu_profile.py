@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # checks/ (the tiny params) sits beside benchmarks/ and is not installed
 
 from checks import tiny  # noqa: E402
-from fut import config, estimators, protocol  # noqa: E402
+from fut import config, estimators  # noqa: E402
 from fut.cache import gradient_counts  # noqa: E402
 from fut.device import describe_device, resolve_device  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402

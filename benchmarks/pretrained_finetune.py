@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.options import pipeline_paths  # noqa: E402
 from fut import config  # noqa: E402
 from fut.ablations import flagged  # noqa: E402
 from fut.model import build_model  # noqa: E402
@@ -75,9 +76,7 @@ def finetune_params(base: config.Params, checkpoint: Path, corpus: Path) -> conf
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    ap.add_argument("--data", type=Path, default=ROOT / "data/prepared")
-    ap.add_argument("--reference", type=Path, default=ROOT / "data/reference")
+    pipeline_paths(ap)
     ap.add_argument("--work", type=Path, default=ROOT / "data/pretrained_finetune")
     ap.add_argument("--error-proxy", type=Path, default=ROOT / "reports/metrics/error_proxy.json",
                     help="the ablations stage's metrics (the indicator's scale)")

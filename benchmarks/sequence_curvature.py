@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.options import pipeline_paths  # noqa: E402
 from fut import config, protocol  # noqa: E402
 from fut.device import autocast  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
@@ -49,12 +50,7 @@ def scores(est: np.ndarray, truth: np.ndarray, naive: float, rows: list[int]) ->
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    ap.add_argument("--data", type=Path, default=ROOT / "data/prepared")
-    ap.add_argument("--reference", type=Path, default=ROOT / "data/reference")
-    ap.add_argument("--cache", type=Path, default=ROOT / "data/cache")
-    ap.add_argument("--sample-orders", type=Path, default=ROOT / "data/sample_orders",
-                    help="the sample_orders stage's output")
+    pipeline_paths(ap, "--cache", "--sample-orders")
     ap.add_argument("--extra-random", type=int, default=24, help="random re-batchings retrained here")
     ap.add_argument("--seed", type=int, default=5011, help="their seed (not sample_orders.seed or test_seed)")
     ap.add_argument("--work", type=Path, default=ROOT / "data/sequence_curvature")
