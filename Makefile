@@ -1,4 +1,6 @@
 # The two commands of the README: `make repro` runs the whole pipeline, `make test` runs the tests (as CI does).
+# The whole pipeline is two: dvc.yaml (the estimator and its validation, what `dvc repro` builds, within the
+# 15-minute budget) and applications/dvc.yaml (the applications, on the first's outputs).
 # Both create the environment first if it is missing (a local virtualenv from requirements.txt).
 # `make test-fast` is the edit loop: every test but those marked slow (about 3 minutes on two cores).
 # environment.yml's header repeats the set-up steps of `env` for conda; tests/test_environment.py keeps them equal.
@@ -40,6 +42,7 @@ $(SHAKESPEARE): | $(VENV)/.installed
 
 repro: env
 	$(BIN)/dvc repro
+	$(BIN)/dvc repro applications/dvc.yaml
 
 test: env
 	$(BIN)/python -m pytest --durations=25

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .methods import DEFAULT, METHODS, parameter_methods, strided_methods
+from .methods import DEFAULT, METHODS, parameter_methods, strided_methods, trajectory_methods
 from .schedules import EPOCH_FAMILIES, SAMPLE_FAMILIES
 
 
@@ -296,6 +296,10 @@ class EstimateConfig:
     # retrain) on `expensive_orders` test orders; half random, half the others, the same for every method.
     replay_orders: int = 8
     expensive_orders: int = 4
+    # The trajectory figure's methods (those of `methods` among them): each replays the trajectory dev orders with
+    # its eval loss along the steps.
+    trajectory_methods: list[str] = field(default_factory=lambda: ["fut-subspace:exact", "fut:secant",
+                                                                    "fut-state:eig"])
 
     def validate(self, key: str) -> None:
         for i, m in enumerate(self.methods):
@@ -309,6 +313,9 @@ class EstimateConfig:
         _check(self.bootstrap >= 10, f"{key}.bootstrap", self.bootstrap, "an int >= 10")
         _check(self.replay_orders >= 2, f"{key}.replay_orders", self.replay_orders, "an int >= 2")
         _check(self.expensive_orders >= 2, f"{key}.expensive_orders", self.expensive_orders, "an int >= 2")
+        for i, m in enumerate(self.trajectory_methods):
+            _check(m in trajectory_methods(), f"{key}.trajectory_methods[{i}]", m,
+                   "a method that replays parameters with an exact readout: " + ", ".join(trajectory_methods()))
 
 
 # The sweep's knobs and the params.yaml keys they set.

@@ -93,6 +93,13 @@ def parameter_methods() -> list[str]:
     return [n for n, m in METHODS.items() if m.estimates_parameters]
 
 
+def trajectory_methods() -> list[str]:
+    """Methods whose estimated parameters can be evaluated along the steps at a replay's cost (the trajectory
+    figure): fut-subspace's through its exact readout, no Hessian-vector product per step."""
+    return [n for n, m in METHODS.items() if m.estimates_parameters and n != "naive" and m.readout == "exact"
+            and m.scored_on != "expensive"]
+
+
 def strided_methods() -> list[str]:
     """What runs on a cache without g(θ_t, B_j) at every checkpoint."""
     return [n for n, m in METHODS.items() if not m.every_checkpoint]

@@ -1,10 +1,11 @@
-"""The suite's report: reports/README.md, every table (from reports/metrics/*.json) and every figure
-(reports/figures/*.png) with a one-line caption saying what it shows, section by section.
+"""The suite's report: every table (from reports/metrics/*.json) and every figure (reports/figures/*.png) with a
+one-line caption saying what it shows, section by section, one page per pipeline.
 
-    python -m fut.report [--reports reports]      # the `report` stage
+    python -m fut.report [--reports reports]                        # `report` of dvc.yaml: reports/README.md
+    python -m fut.report --reports reports --part applications      # of applications/dvc.yaml: applications.md
 
-A metrics file that is missing leaves its section saying so; a figure the captions below do not know is
-still listed, under "Other figures", so the report never hides one.
+A metrics file that is missing leaves its section saying so; a figure the captions of neither page know is still
+listed, under "Other figures" of README.md, so the report never hides one.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def estimators(m: dict) -> tuple[str, list[str]]:
              "**Dev orders (every choice was made on these):**", "", *family_table(m["dev"]), "",
              f"**Costs** against a retrain of {fmt(m.get('retrain_seconds_per_order'))} s (the window and the final "
              "eval loss, median of the timed retrains, same process); one-time: the cache work the method reads; "
-             "along the steps and parameter error: on the dev trajectory orders.", "",
+             "along the steps and parameter error: on the dev trajectory orders, for estimate.trajectory_methods.", "",
              *table(costs, ["method", "family", "scored on", "s/order", "speed-up", "one-time s", "break-even orders",
                             "mean abs Δloss along steps", "param error"])]
     r = m.get("readouts") or {}
@@ -322,8 +323,9 @@ def multi_epoch(m: dict) -> tuple[str, list[str]]:
             "its test error grows with E.", lines)
 
 
-# (section title, metrics file, renderer, figures with captions)
-SECTIONS: list[tuple[str, str, Callable[[dict], tuple[str, list[str]]], dict[str, str]]] = [
+# (section title, metrics file, renderer, figures with captions): the estimator and its validation (dvc.yaml)
+Section = tuple[str, str, Callable[[dict], tuple[str, list[str]]], dict[str, str]]
+SECTIONS: list[Section] = [
     ("Corpus", "prepare.json", corpus, {
         "corpus_tokens": "Tokens per domain in the prepared corpus."}),
     ("Reference run", "reference.json", reference, {
@@ -337,7 +339,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict], tuple[str, list[str]]], dict[str
     ("Estimator accuracy and cost", "estimators.json", estimators, {
         "estimates_scatter": "Estimated vs true eval PPL of the test orders, one panel per method, coloured by "
                              "family; dashed: exact; counts of off-scale or diverged estimates on their panels.",
-        "estimate_trajectories": "Eval PPL along the window: every parameter-space method against retraining, on "
+        "estimate_trajectories": "Eval PPL along the window: estimate.trajectory_methods against retraining, on "
                                  "random and structured dev orders."}),
     ("Ablations", "ablations.json", ablations, {
         "ablations": "R² of the order effect on the dev orders (random and all) as the projection size, "
@@ -345,6 +347,9 @@ SECTIONS: list[tuple[str, str, Callable[[dict], tuple[str, list[str]]], dict[str
                      "below -1 are marked with their value.",
         "ablations_sweep": "Estimator accuracy as the knobs that change the reference run vary (one run each)."}),
     ("Error indicator", "error_proxy.json", error_proxy, {}),
+]
+# ... and the applications (applications/dvc.yaml)
+APPLICATION_SECTIONS: list[Section] = [
     ("Curriculum", "curriculum.json", curriculum, {
         "curriculum_search": "Search progress: best estimated PPL so far per estimator call, each search; "
                              "crosses: true PPL of the verified candidates; band: random orders' true PPL.",
@@ -382,8 +387,7 @@ def _commit(root: Path) -> str:
 
 
 def summary(reports: Path, params_file: Path) -> dict:
-    """The headline numbers: the default method on the test orders per family, its costs, the curriculum's gain,
-    and where they come from (commit, params hash, device, date). summary.json, a few keys for `dvc exp show`."""
+    """The headline numbers: the default method on the test orders per family, its costs, and where they come from (commit, params hash, device, date). summary.json, a few keys for `dvc exp show`."""
     metrics = Path(reports) / "metrics"
     out: dict[str, Any] = {}
     if (metrics / "estimators.json").is_file():
@@ -401,10 +405,6 @@ def summary(reports: Path, params_file: Path) -> dict:
         out["estimator_orders_per_second"] = sur.get("estimator_orders_per_second")
         out["surrogate_random_r2"] = ((sur.get("families") or {}).get("random") or {}).get("surrogate", {}).get(
             "r2_order_effect")
-    if (metrics / "curriculum.json").is_file():
-        c = read_json(metrics / "curriculum.json")
-        out["curriculum_gain_vs_random_ppl"] = c.get("gain_vs_random_ppl")
-        out["curriculum_search_vs_retraining_all"] = (c.get("costs") or {}).get("search_vs_retraining_all")
     if (metrics / "reference.json").is_file():
         out["device"] = read_json(metrics / "reference.json").get("device")
     out["commit"] = _commit(Path(params_file).resolve().parent)
@@ -441,17 +441,13 @@ def sig(x: float | None, digits: int = 3) -> str:
     return f"{round(x, places):,.{max(places, 0)}f}"
 
 
-def build(reports: Path, headline: dict | None = None) -> str:
-    reports = Path(reports)
-    figures = {p.stem for p in (reports / "figures").glob("*.png")}
-    lines = ["# fut: results", "",
-             "Generated by `python -m fut.report` (the `report` stage of `dvc repro`) from `reports/metrics/*.json` and "
-             "`reports/figures/`; do not edit by hand. Executed notebooks: `reports/notebooks/`; plot data for "
-             "`dvc plots show`: `reports/plots/`.", "", "## Summary", "", *summary_lines(headline or {})]
-    shown = set()
-    for title, metrics_file, render, captions in SECTIONS:
+def sections(reports: Path, parts: list[Section]) -> tuple[list[str], set[str]]:
+    """The sections' tables and figures, and the figures shown."""
+    figures = {p.stem for p in (Path(reports) / "figures").glob("*.png")}
+    lines, shown = [], set()
+    for title, metrics_file, render, captions in parts:
         lines += [f"## {title}", ""]
-        path = reports / "metrics" / metrics_file
+        path = Path(reports) / "metrics" / metrics_file
         if path.is_file():
             caption, body = render(read_json(path))
             lines += [f"*{caption}* (`metrics/{metrics_file}`)", "", *body, ""]
@@ -461,7 +457,22 @@ def build(reports: Path, headline: dict | None = None) -> str:
             if stem in figures:
                 lines += [f"![{stem}](figures/{stem}.png)", f"*{caption}*", ""]
                 shown.add(stem)
-    others = sorted(figures - shown)
+    return lines, shown
+
+
+def build(reports: Path, headline: dict | None = None) -> str:
+    """reports/README.md: the estimator and its validation, a pointer to the applications' page, and every figure
+    neither page captions."""
+    reports = Path(reports)
+    body, shown = sections(reports, SECTIONS)
+    lines = ["# fut: results", "",
+             "Generated by `python -m fut.report` (the `report` stage of `dvc repro`) from `reports/metrics/*.json` and "
+             "`reports/figures/`; do not edit by hand. Executed notebooks: `reports/notebooks/`; plot data for "
+             "`dvc plots show`: `reports/plots/`. The applications (curriculum, memorization, domain order, "
+             "sample-level orders, several epochs) are on [applications.md](applications.md), built by "
+             "`dvc repro applications/dvc.yaml`.", "", "## Summary", "", *summary_lines(headline or {}), *body]
+    others = sorted({p.stem for p in (reports / "figures").glob("*.png")} - shown
+                    - {stem for *_, captions in APPLICATION_SECTIONS for stem in captions})
     if others:
         lines += ["## Other figures", ""]
         for stem in others:
@@ -469,11 +480,26 @@ def build(reports: Path, headline: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def build_applications(reports: Path) -> str:
+    """reports/applications.md: what the estimator is for, each application against retraining."""
+    body, _ = sections(reports, APPLICATION_SECTIONS)
+    return "\n".join(["# fut: applications", "",
+                      "Generated by `python -m fut.report --part applications` (the `report` stage of "
+                      "`applications/dvc.yaml`) from `reports/metrics/*.json` and `reports/figures/`; do not edit by "
+                      "hand. The estimator they use and its accuracy: [README.md](README.md).", "", *body])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fut.report", description=__doc__.split("\n")[0])
     parser.add_argument("--reports", default=Path("reports"), type=Path, help="the reports folder (default: %(default)s)")
     parser.add_argument("--params", default=Path("params.yaml"), type=Path, help="the params file (default: %(default)s)")
+    parser.add_argument("--part", choices=("estimator", "applications"), default="estimator",
+                        help="estimator: README.md and metrics/summary.json (dvc.yaml); applications: applications.md "
+                             "(applications/dvc.yaml) (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.part == "applications":
+        atomic_write_text(args.reports / "applications.md", build_applications(args.reports))
+        return 0
     headline = summary(args.reports, args.params)
     atomic_write_json(args.reports / "metrics" / "summary.json", headline)
     atomic_write_text(args.reports / "README.md", build(args.reports, headline))

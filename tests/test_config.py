@@ -37,6 +37,8 @@ def test_default_params_load():
     (("cache", "subspace_stride"), 0, "cache.subspace_stride = 0"),
     (("projection", "k"), 0, "projection.k = 0"),
     (("estimate", "default"), "fut", "estimate.default = 'fut'"),
+    (("estimate", "trajectory_methods"), ["fut:hvp"], "estimate.trajectory_methods[0] = 'fut:hvp'"),  # no replay
+    (("estimate", "trajectory_methods"), ["fut-subspace"], "estimate.trajectory_methods[0] = 'fut-subspace'"),
     (("groundtruth", "trajectories"), -1, "groundtruth.trajectories = -1"),
     (("curriculum", "finalists"), 0, "curriculum.finalists = 0"),
     (("curriculum", "population"), 1, "curriculum.population = 1"),

@@ -1,4 +1,4 @@
-"""dvc.yaml against the code: every stage's fut/ dependencies are exactly the import closure of what it runs (its
+"""dvc.yaml and applications/dvc.yaml against the code: every stage's fut/ dependencies are exactly the import closure of what it runs (its
 notebook's code cells, or the module its command runs), so an edit to any module a stage imports reruns that stage
 and no other; no import circles in the library; every stage reads its params through sections it lists."""
 from __future__ import annotations
@@ -67,8 +67,22 @@ def notebook_imports(path: Path) -> set[str]:
     return imports_of(code, "__notebook__", False)
 
 
+PIPELINES = ("dvc.yaml", "applications/dvc.yaml")
+
+
 def stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    """Every stage of both pipelines, named as DVC names them (`applications/dvc.yaml:curriculum`)."""
+    out = {}
+    for pipeline in PIPELINES:
+        for name, stage in yaml.safe_load((ROOT / pipeline).read_text())["stages"].items():
+            out[name if pipeline == "dvc.yaml" else f"{pipeline}:{name}"] = stage
+    return out
+
+
+def test_application_stages_run_from_the_root_with_its_params():
+    """applications/dvc.yaml's paths, params file and notebooks are the root's, as in dvc.yaml."""
+    for name, stage in stages().items():
+        assert stage.get("wdir", ".") == (".." if name.startswith("applications/") else "."), name
 
 
 def stage_roots(stage: dict) -> set[str]:

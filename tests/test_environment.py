@@ -149,8 +149,9 @@ def test_the_kernel_and_the_stage_wrapper_set_the_same_allocator_settings(tmp_pa
     wrapper = dict(re.findall(r'export (\w+)="\$\{\1:-(\d+)\}"', (ROOT / "scripts" / "run-stage").read_text()))
     assert set(ALLOCATOR) <= wrapper.keys()
     assert kernel_env == {k: wrapper[k] for k in ALLOCATOR}
-    assert all("-k fut " in s["cmd"] for s in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
-               if "papermill" in s["cmd"]), "a notebook stage runs another kernel than fut"
+    for pipeline in ("dvc.yaml", "applications/dvc.yaml"):
+        assert all("-k fut " in s["cmd"] for s in yaml.safe_load((ROOT / pipeline).read_text())["stages"].values()
+                   if "papermill" in s["cmd"]), f"a notebook stage of {pipeline} runs another kernel than fut"
 
 
 def test_debian_corpus_install_skips_recommended_packages():

@@ -1,4 +1,5 @@
-"""The real pipeline: `dvc repro` (real papermill, real notebooks) on tiny params in a copy of the repo."""
+"""The real pipelines: `dvc repro` and `dvc repro applications/dvc.yaml` (real papermill, real notebooks) on tiny
+params in a copy of the repo."""
 import json
 import os
 import shutil
@@ -45,7 +46,13 @@ def repo(tmp_path_factory, text_dir):
 @pytest.mark.slow
 def test_dvc_repro_builds_every_stage(repo):
     dest, env = repo
-    _run(["dvc", "repro"], dest, env)
+    out = _run(["dvc", "repro"], dest, env)
+    # `dvc repro` builds the estimator and its validation, none of the applications.
+    applications = ("curriculum", "memorization", "domain_order", "sample_orders", "multi_epoch")
+    assert "Running stage 'estimate'" in out and not [a for a in applications if f"stage '{a}'" in out]
+    assert not (dest / "reports/applications.md").exists()
+    out = _run(["dvc", "repro", "applications/dvc.yaml"], dest, env)
+    assert "Running stage 'applications/dvc.yaml:report'" in out and "Running stage 'estimate'" not in out
     metrics = lambda name: json.loads((dest / f"reports/metrics/{name}.json").read_text())
     ref = metrics("reference")
     assert ref["identity_retrain_bitwise"] is True and ref["window_steps"] == 6 and ref["batch_size"] == 2
@@ -89,10 +96,11 @@ def test_dvc_repro_builds_every_stage(repo):
     summary = metrics("summary")
     assert summary["default_method"] == default and set(summary["test"]) >= {"random", "all"}
     readme = (dest / "reports/README.md").read_text()
+    pages = readme + (dest / "reports/applications.md").read_text()
     assert readme.index("## Summary") < readme.index("## Corpus")
     for fig in (dest / "reports/figures").glob("*.png"):
-        assert f"](figures/{fig.name})" in readme, fig.name
-    assert "has not been built" not in readme
+        assert f"](figures/{fig.name})" in pages, fig.name
+    assert "has not been built" not in pages
     assert "up to date" in _run(["dvc", "status"], dest, env)
 
     # An edit to a module reports exactly the stages that import it.
@@ -100,13 +108,13 @@ def test_dvc_repro_builds_every_stage(repo):
         fh.write("# an edit\n")
     changed = _run(["dvc", "status", "--json"], dest, env)
     stale = set(json.loads(changed))
-    assert {"cache", "estimate", "ablations", "curriculum", "memorization", "domain_order", "sample_orders",
-            "multi_epoch"} <= stale
+    assert {"cache", "estimate", "ablations", *(f"applications/dvc.yaml:{a}" for a in applications)} <= stale
     assert not stale & {"prepare", "reference", "groundtruth"}, stale
     _run(["git", "checkout", "--", "fut/subspace.py"], dest, env)
 
     # An experiment with a new projection size and a larger ground truth (`dvc exp run -S`, as the README offers):
-    # projection and groundtruth rerun with what reads them; prepare, reference and the cache do not.
+    # projection and groundtruth rerun with what reads them; prepare, reference and the cache do not; the
+    # applications that read the ground truth are left for `dvc exp run applications/dvc.yaml`.
     out = _run(["dvc", "exp", "run", "-S", "projection.k=32", "-S", "groundtruth.n_random=3"], dest, env)
     assert "Ran experiment" in out and "Running stage 'projection'" in out and "Running stage 'groundtruth'" in out
     for stage in ("prepare", "reference", "cache"):
@@ -114,9 +122,11 @@ def test_dvc_repro_builds_every_stage(repo):
     assert metrics("projection")["projector"]["k"] == 32 and metrics("groundtruth")["dev"]["n_orders"] == 9
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], dest, env))
     assert '"k": 32' in json.dumps(shown)
+    stale = json.loads(_run(["dvc", "status", "--json"], dest, env))
+    assert set(stale) == {f"applications/dvc.yaml:{a}" for a in ("curriculum", "memorization", "domain_order")}
 
     # The worker count is no param of any stage: changing it reruns nothing.
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["parallel"]["workers"] = 1
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "up to date" in _run(["dvc", "status"], dest, env)
+    assert json.loads(_run(["dvc", "status", "--json"], dest, env)) == stale

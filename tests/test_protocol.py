@@ -41,3 +41,7 @@ def test_only_final_scoring_reads_the_test_results(tiny_truth, monkeypatch):
     assert readers, "the final table was scored without reading the test results"
     assert all("final_scoring" in stack for stack in readers)
     assert metrics["test"]["n_orders"] == len(read_json(test_dir / "results.json"))
+    # The trajectory figure replays the dev trajectory orders with estimate.trajectory_methods and no other.
+    assert len(metrics["trajectory_orders"]) == params.groundtruth.trajectories
+    along = {m for m, x in metrics["methods"].items() if "param_error" in x}
+    assert along == set(params.estimate.trajectory_methods) & set(params.estimate.methods) and along

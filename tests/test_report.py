@@ -1,13 +1,14 @@
 """The report lists every figure that exists with a caption, renders the tables it has metrics for, and says
-which metrics are missing."""
-from fut.report import SECTIONS, build, fmt, main, sig
+which metrics are missing; the estimator's page and the applications' page each show their own."""
+from fut.report import APPLICATION_SECTIONS, SECTIONS, build, build_applications, fmt, main, sig
 from fut.storage import atomic_write_json
 
 
 def test_every_figure_is_listed_and_missing_metrics_are_named(tmp_path):
     (tmp_path / "figures").mkdir()
     known = [stem for _, _, _, captions in SECTIONS for stem in captions]
-    for stem in known[:3] + ["a_new_figure"]:
+    applied = [stem for _, _, _, captions in APPLICATION_SECTIONS for stem in captions]
+    for stem in known[:3] + applied[:2] + ["a_new_figure"]:
         (tmp_path / "figures" / f"{stem}.png").write_bytes(b"\x89PNG")
     atomic_write_json(tmp_path / "metrics" / "groundtruth.json", {"n_orders": 48, "true_ppl_mean": 265.8})
     atomic_write_json(tmp_path / "metrics" / "curriculum.json", {
@@ -22,16 +23,20 @@ def test_every_figure_is_listed_and_missing_metrics_are_named(tmp_path):
         "gain_vs_random_ppl": 2.0, "gain_vs_random_ci": [1.5, 2.5],
         "costs": {"search": {"seconds": 50.0, "peak_mb": 2000.0, "n_orders": 48, "seconds_per_order": 1.0}}})
     assert main(["--reports", str(tmp_path)]) == 0
-    text = (tmp_path / "README.md").read_text()
+    assert main(["--reports", str(tmp_path), "--part", "applications"]) == 0
+    text, applications = (tmp_path / "README.md").read_text(), (tmp_path / "applications.md").read_text()
     for stem in known[:3] + ["a_new_figure"]:
-        assert f"![{stem}](figures/{stem}.png)" in text
+        assert f"![{stem}](figures/{stem}.png)" in text and f"figures/{stem}.png" not in applications
+    for stem in applied[:2]:
+        assert f"![{stem}](figures/{stem}.png)" in applications and f"figures/{stem}.png" not in text
     assert "## Other figures" in text and "*a new figure.*" in text
-    assert "`metrics/estimators.json` has not been built" in text
-    lines = text.splitlines()
+    assert "`metrics/estimators.json` has not been built" in text and "## Curriculum" not in text
+    assert "`metrics/memorization.json` has not been built" in applications
+    lines = applications.splitlines()
     rows = [l for l in lines if l.startswith(("| random", "| genetic", "| estimator_search"))]
     assert [r.split(" | ")[0] for r in rows] == ["| random", "| genetic", "| estimator_search (genetic)"]
-    assert "| genetic | 261 | – | – |" in text          # one deterministic order: no interval; null estimate: –
-    assert build(tmp_path) == text
+    assert "| genetic | 261 | – | – |" in applications   # one deterministic order: no interval; null estimate: –
+    assert build(tmp_path) == text and build_applications(tmp_path) == applications
 
 
 def test_numbers_are_formatted_for_reading():

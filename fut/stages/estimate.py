@@ -160,7 +160,7 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, projecti
         "replay_orders": e.replay_orders, "expensive_orders": e.expensive_orders,
     }
     trajectories = estimate_trajectories(ctx, oracle, dev, [n for n, r in dev.items() if "trajectory" in r],
-                                         e.methods)
+                                         [m for m in e.trajectory_methods if m in e.methods])
     for method, err in trajectories["error"].items():
         metrics["methods"][method].update(err)
     metrics["trajectory_orders"] = trajectories["orders"]
@@ -249,11 +249,8 @@ def fit_surrogate(ctx: EstimationContext, method: str, T: int) -> tuple[Position
 def estimate_trajectories(ctx: EstimationContext, oracle: Oracle, truth: dict, names: list[str],
                           methods: list[str]) -> dict:
     """Estimated and true eval loss along the steps for a few dev orders (the paper's trajectory figure), and per
-    parameter-space method the mean error along the steps and the parameter error ‖γ_est − γ_true‖ /
+    method (estimate.trajectory_methods) the mean error along the steps and the parameter error ‖γ_est − γ_true‖ /
     ‖θ_T − γ_true‖ at the end."""
-    methods = [m for m in methods if METHODS[m].estimates_parameters and m != "naive"
-               and METHODS[m].scored_on != "expensive"
-               and METHODS[m].readout == "exact"]     # fut-subspace's parameters: through fut-subspace:exact
     rows, errors = [], {m: {"loss": [], "param": []} for m in methods}
     for name in names:
         order = truth[name]["order"]
