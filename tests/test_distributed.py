@@ -10,6 +10,8 @@ import torch
 from fut import protocol
 from fut.cache import MANIFEST, UpdateCache, build_cache
 from fut.distributed import assign
+from fut.estimate_jobs import Unit, run_units
+from fut.estimators import EstimationContext
 from fut.groundtruth import retrain_all
 from fut.reference import ReferenceRun
 from fut.storage import load_tensors, read_json
@@ -53,3 +55,24 @@ def test_two_ranks_retrain_what_one_process_retrains(tiny_truth, tmp_path):
     for name in orders:
         assert results[name]["eval_loss"] == stored[name]["eval_loss"]
         assert results[name]["trajectory"] == stored[name]["trajectory"]
+
+
+@pytest.mark.slow
+def test_two_ranks_estimate_what_one_process_estimates(tiny_truth):
+    """The estimate stage's units (final estimates of replay, subspace and projected methods, a trajectory) give
+    the same bits from two torchrun ranks as from one process."""
+    params, data_dir, ref_dir, cache_dir, gt_dir = tiny_truth
+    dev = protocol.dev_truth(gt_dir)
+    names = sorted(dev)[:3]
+    orders = {n: dev[n]["order"] for n in names}
+    ctx = EstimationContext(ReferenceRun(params, data_dir, ref_dir), cache_dir, cache_dir.parent / "projection")
+    units = [Unit(m, orders, cost=c) for m, c in (("fut-state:eig", 3.0), ("fut-subspace", 0.1), ("tracin", 0.1))]
+    units.append(Unit("fut:secant", orders, steps={n: [2, params.window.steps] for n in names}, cost=3.0))
+    truth = {n: torch.randn(ctx.theta_T.numel()) for n in names}
+    dirs = {"data": data_dir, "reference": ref_dir, "cache": cache_dir, "projection": cache_dir.parent / "projection"}
+    here = run_units(ctx, dirs, units, truth)
+    ctx.params = dataclasses.replace(params, parallel=dataclasses.replace(params.parallel, workers=2))
+    ranks = run_units(ctx, dirs, units, truth)
+    drop = lambda outs: [{k: v for k, v in out.items() if k != "seconds"} for out in outs]
+    assert drop(ranks) == drop(here)
+    assert list(here[0]["eval_loss"]) == names and here[1]["indicators"] and set(here[3]["along"]) == set(names)

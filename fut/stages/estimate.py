@@ -10,12 +10,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import estimators, protocol
 from ..cache import gradient_counts, subspace_checkpoints
 from ..config import Params
 from ..costs import fair_retrain_seconds, measured
+from ..estimate_jobs import Unit, run_units
 from ..estimators import EstimationContext
 from ..groundtruth import Oracle
 from ..methods import METHODS
@@ -88,9 +88,11 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, projecti
     retrain = fair_retrain_seconds(oracle.eval_loss, timed, ref.device)
     retrain_s = retrain["median"]
 
-    estimates = {split: {} for split in orders}
-    trust = {split: {} for split in orders}       # the default method's per-order error indicators
-    seconds, diverged = {}, {}
+    # Every method's estimates, and the trajectory figure's replays, shared out over the worker ranks.
+    trajectory_orders = [n for n, r in dev.items() if "trajectory" in r]
+    true_params = {n: ctx.layout.flatten(oracle.trainer(dev[n]["order"]).state().theta) for n in trajectory_orders}
+    along = [m for m in e.trajectory_methods if m in e.methods]
+    units, scored = [], []
     for method in e.methods:
         scored_on = METHODS[method].scored_on
         for split, named in orders.items():
@@ -98,14 +100,23 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, projecti
                 continue
             chosen = {"all": named, "replay": subset(named, e.replay_orders),
                       "expensive": subset(named, e.expensive_orders)}[scored_on]
-            est = estimators.estimate(ctx, list(chosen.values()), method, e.readout, e.k)
-            estimates[split][method] = dict(zip(chosen, est.eval_loss.double().tolist()))
-            if method == e.default and est.indicators:
-                trust[split] = {n: {k: v[i] for k, v in est.indicators.items()} for i, n in enumerate(chosen)}
-            if split == protocol.TEST:
-                seconds[method] = est.seconds / len(chosen)
-                diverged[method] = min((t for t in est.non_finite_step if t is not None), default=None)
-        log.info("%s: %.4f s per order", method, seconds[method])
+            units.append(Unit(method, chosen, e.readout, e.k, cost=len(chosen) * unit_cost(method)))
+            scored.append((method, split))
+    units += trajectory_units(dev, trajectory_orders, along)
+    dirs = {"data": data_dir, "reference": ref_dir, "cache": cache_dir, "projection": projection_dir}
+    results = run_units(ctx, dirs, units, true_params)
+
+    estimates = {split: {} for split in orders}
+    trust = {split: {} for split in orders}       # the default method's per-order error indicators
+    seconds, diverged = {}, {}
+    for (method, split), out in zip(scored, results):
+        named = estimates[split][method] = out["eval_loss"]
+        if method == e.default and out["indicators"]:
+            trust[split] = {n: {k: v[i] for k, v in out["indicators"].items()} for i, n in enumerate(named)}
+        if split == protocol.TEST:
+            seconds[method] = out["seconds"] / len(named)
+            diverged[method] = min((t for t in out["non_finite_step"] if t is not None), default=None)
+            log.info("%s: %.4f s per order", method, seconds[method])
 
     # The search surrogate, scored like a method on both splits (its fit reads no truth).
     model, surrogate = fit_surrogate(ctx, e.default, ref.T)
@@ -159,8 +170,7 @@ def run(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, projecti
                                                 for f, m in test_block["families"].items()}} if surrogate else {},
         "replay_orders": e.replay_orders, "expensive_orders": e.expensive_orders,
     }
-    trajectories = estimate_trajectories(ctx, oracle, dev, [n for n, r in dev.items() if "trajectory" in r],
-                                         [m for m in e.trajectory_methods if m in e.methods])
+    trajectories = trajectory_summary(dev, trajectory_orders, along, results[len(scored):])
     for method, err in trajectories["error"].items():
         metrics["methods"][method].update(err)
     metrics["trajectory_orders"] = trajectories["orders"]
@@ -246,24 +256,37 @@ def fit_surrogate(ctx: EstimationContext, method: str, T: int) -> tuple[Position
                    "estimator_orders_per_second": THROUGHPUT_ORDERS / est_time.seconds}
 
 
-def estimate_trajectories(ctx: EstimationContext, oracle: Oracle, truth: dict, names: list[str],
-                          methods: list[str]) -> dict:
-    """Estimated and true eval loss along the steps for a few dev orders (the paper's trajectory figure), and per
-    method (estimate.trajectory_methods) the mean error along the steps and the parameter error ‖γ_est − γ_true‖ /
+def unit_cost(method: str) -> float:
+    """Rough seconds per order of a method on the default run, to share the units out evenly over the ranks."""
+    m = METHODS[method]
+    if m.scored_on != "all":
+        return {"replay": 1.0, "expensive": 5.0}[m.scored_on]
+    return 0.5 if m.readout == "exact" and method != "naive" else 0.05
+
+
+def trajectory_units(truth: dict, names: list[str], methods: list[str]) -> list[Unit]:
+    """The paper's trajectory figure: each method's estimated eval loss at the steps where the named dev orders'
+    retrains measured it."""
+    orders = {n: truth[n]["order"] for n in names}
+    steps = {n: sorted(truth[n]["trajectory"]["step"]) for n in names}
+    return [Unit(m, orders, steps=steps, cost=len(names) * 4 * unit_cost(m)) for m in methods] if names else []
+
+
+def trajectory_summary(truth: dict, names: list[str], methods: list[str], results: list[dict]) -> dict:
+    """Estimated and true eval loss along the steps for the trajectory dev orders, and per method (of
+    estimate.trajectory_methods) the mean error along the steps and the parameter error ‖γ_est − γ_true‖ /
     ‖θ_T − γ_true‖ at the end."""
-    rows, errors = [], {m: {"loss": [], "param": []} for m in methods}
+    by_method = dict(zip(methods, results))
+    rows, errors = [], {m: {"loss": [], "param": []} for m in by_method}
     for name in names:
-        order = truth[name]["order"]
         true_curve = dict(zip(truth[name]["trajectory"]["step"], truth[name]["trajectory"]["eval_loss"]))
-        gamma_true = ctx.layout.flatten(oracle.trainer(order).state().theta).to(ctx.device)
-        for method in methods:
-            est, delta = estimators.estimate_along_steps(ctx, order, method, sorted(true_curve))
+        for method, out in by_method.items():
             for step, true_loss in sorted(true_curve.items()):
+                est = out["along"][name][str(step)]
                 rows.append({"method": method, "order": name, "family": family(name), "step": step,
-                             "true_loss": true_loss, "est_loss": est[step]})
-                errors[method]["loss"].append(abs(est[step] - true_loss))
-            errors[method]["param"].append(
-                float((ctx.params_at(delta) - gamma_true).norm() / (ctx.theta_T - gamma_true).norm()))
+                             "true_loss": true_loss, "est_loss": est})
+                errors[method]["loss"].append(abs(est - true_loss))
+            errors[method]["param"].append(out["param_error"][name])
 
     def mean(xs):   # a diverged method (non-finite estimates) has no error to report: null, never NaN
         return statistics.fmean(xs) if xs and all(np.isfinite(xs)) else None
