@@ -13,6 +13,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import multiprocessing
 import shutil
@@ -68,11 +70,20 @@ def point_params(params: Params, overrides: dict[str, object], corpus_dir: Path)
 # differs between machines: the base run's corpus definition stands for it).
 POINT_SECTIONS = ("tokenizer", "data", "model", "optimizer", "warmstart", "window", "train", "groundtruth", "cache",
                   "projection", "estimate")
+# Keys of those sections that no point reads, left out of its provenance so that a new one does not make every
+# stored point stale: the trajectory figure's methods (drawn for the base run only).
+NOT_READ = {"estimate": ("trajectory_methods",)}
 
 
 def point_key(point: Params, base: Params) -> str:
-    """Provenance of a point: the sections its run reads, and the corpus definition its text came from."""
-    return f"{point.section_hash(*POINT_SECTIONS)}-{base.section_hash('corpus')}"
+    """Provenance of a point: the sections its run reads (less NOT_READ), and the corpus definition its text
+    came from."""
+    sections = {n: dataclasses.asdict(getattr(point, n)) for n in POINT_SECTIONS}
+    for section, keys in NOT_READ.items():
+        for key in keys:
+            del sections[section][key]
+    digest = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{digest}-{base.section_hash('corpus')}"
 
 
 def run_point(params: Params, key: str, name: str, work_dir: Path, out_file: Path, keep: bool = False) -> dict:

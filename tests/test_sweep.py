@@ -1,12 +1,16 @@
 """The sweep of knobs that need their own reference run: points, one whole tiny run, resume, stale results."""
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import ROOT
 from fut import config
 from fut.cli import main
 from fut.storage import read_json
-from fut.sweep import collect, point_params, points, run_sweep
+from fut.sweep import collect, point_key, point_params, points, run_sweep
 
 
 @pytest.fixture
@@ -24,6 +28,22 @@ def test_points_set_one_knob_each_and_keep_the_corpus_text(sweep_dict, tiny):
     assert p.groundtruth.n_random == 2 and p.cache.curvature == ["domain"] and p.estimate.default == "fut-state:eig"
     assert {n: s.path for n, s in p.corpus.sources.items()} == {
         n: str((tiny[1] / "corpus" / f"{n}.txt").resolve()) for n in params.corpus.sources}
+
+
+def test_a_points_key_leaves_out_what_no_point_reads(sweep_dict):
+    params = config.from_dict(sweep_dict)
+    point = point_params(params, {"steps": 4}, Path("."))
+    with_estimate = lambda **kw: dataclasses.replace(point, estimate=dataclasses.replace(point.estimate, **kw))
+    key = point_key(point, params)
+    assert point_key(with_estimate(trajectory_methods=["fut:secant"]), params) == key    # the base run's figure
+    assert point_key(with_estimate(bootstrap=7), params) != key
+
+
+def test_the_committed_sweep_points_are_those_of_the_committed_params():
+    """reports/sweeps is tabulated by the ablations stage, which leaves out stale points: a change to what a
+    point reads must come with the sweep rerun (python -m fut sweep)."""
+    table, stale = collect(config.load(ROOT / "params.yaml"), ROOT / "reports/sweeps")
+    assert stale == [] and table
 
 
 def test_the_default_point_prepares_exactly_the_default_runs_data(sweep_dict, tiny, tmp_path):
