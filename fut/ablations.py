@@ -60,10 +60,18 @@ def ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, pr
     table["projection_k"] = {m: {str(k): scored(*_loss(estimators.estimate(ctx, orders, m, k=k))) for k in ks}
                              for m in projected}
 
+    # The estimate stage scored every configured method on the dev orders: its block, not recomputed; seconds per
+    # order as it measured them (on the test orders).
+    scores = read_json(estimates_file)
+    dev_block = scores["dev"]["families"]
+    table["methods"] = {m: {fam: {k: block[m][k] for k in SUMMARY} for fam, block in dev_block.items() if m in block}
+                        for m in e.methods}
+
     if "fut-subspace" in e.methods:
-        quad = estimators.estimate(ctx, orders, "fut-subspace")
-        exact = estimators.estimate(ctx, orders, "fut-subspace:exact")
-        table["subspace_readout"] = {"quadratic": scored(*_loss(quad)), "exact": scored(*_loss(exact))}
+        table["subspace_readout"] = {
+            readout: {fam: table["methods"][m][fam] for fam in ("all", "random") if fam in table["methods"][m]}
+            | {"seconds_per_order": scores["methods"][m]["seconds_per_order"]}
+            for readout, m in (("quadratic", "fut-subspace"), ("exact", "fut-subspace:exact")) if m in e.methods}
         table["subspace_pair_stride"] = {}
         for stride in (run.T // 2,):
             if stride < 1 or stride % params.cache.checkpoint_stride:
@@ -78,12 +86,8 @@ def ablations(params: Params, data_dir: Path, ref_dir: Path, cache_dir: Path, pr
     if params.cache.checkpoint_stride == 1:       # the paper's literal secant reads pairs at every checkpoint
         table["secant_raw"] = estimators.secant_raw_gain(ctx)
 
-    # The estimate stage scored every configured method on the dev orders: its block, not recomputed.
-    dev_block = read_json(estimates_file)["dev"]["families"]
-    table["methods"] = {m: {fam: {k: block[m][k] for k in SUMMARY} for fam, block in dev_block.items() if m in block}
-                        for m in e.methods}
     sweep, stale = collect(params, sweeps_dir)
-    table["error_proxy"] = error_proxy(read_json(estimates_file), sweeps_dir, stale)
+    table["error_proxy"] = error_proxy(scores, sweeps_dir, stale)
     if stale:
         log.warning("sweep points computed with other params, left out (rerun: python -m fut sweep --only %s)",
                     " ".join(stale))
