@@ -43,6 +43,12 @@ def repo(tmp_path_factory, text_dir):
     return dest, env
 
 
+def _set_workers(dest: Path, workers: int) -> None:
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["parallel"]["workers"] = workers
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 @pytest.mark.slow
 def test_dvc_repro_builds_every_stage(repo):
     dest, env = repo
@@ -51,9 +57,18 @@ def test_dvc_repro_builds_every_stage(repo):
     applications = ("curriculum", "memorization", "domain_order", "sample_orders", "multi_epoch")
     assert "Running stage 'estimate'" in out and not [a for a in applications if f"stage '{a}'" in out]
     assert not (dest / "reports/applications.md").exists()
+    metrics = lambda name: json.loads((dest / f"reports/metrics/{name}.json").read_text())
+    cache = metrics("cache")
+    assert cache["workers"] == 2      # built by 2 torchrun ranks, as planned byte for byte
+    assert cache["plan"]["bytes"] == sum(v for k, v in cache["bytes"].items() if k != "total_file_bytes")
+
+    # The worker count is no param of any stage: changing it reruns nothing. The applications run in one process
+    # (each torchrun launch costs about 6 s of imports here; launching from the notebooks is tested above).
+    stale = json.loads(_run(["dvc", "status", "--json"], dest, env))
+    _set_workers(dest, 1)
+    assert json.loads(_run(["dvc", "status", "--json"], dest, env)) == stale
     out = _run(["dvc", "repro", "applications/dvc.yaml"], dest, env)
     assert "Running stage 'applications/dvc.yaml:report'" in out and "Running stage 'estimate'" not in out
-    metrics = lambda name: json.loads((dest / f"reports/metrics/{name}.json").read_text())
     ref = metrics("reference")
     assert ref["identity_retrain_bitwise"] is True and ref["window_steps"] == 6 and ref["batch_size"] == 2
     gt = metrics("groundtruth")
@@ -67,9 +82,6 @@ def test_dvc_repro_builds_every_stage(repo):
             assert {"spearman", "kendall", "r2_order_effect", "bias_ppl", "absdiff_ppl", "rel_err", "n"} <= set(acc)
     assert est["test"]["families"]["all"]["naive"]["r2_order_effect"] == 0.0
     assert {"10", "100", "1000"} == set(est["from_scratch"]) and est["speedup_per_order"] > 0
-    cache = metrics("cache")
-    assert cache["workers"] == 2      # built by 2 torchrun ranks, as planned byte for byte
-    assert cache["plan"]["bytes"] == sum(v for k, v in cache["bytes"].items() if k != "total_file_bytes")
     assert metrics("projection")["projector"]["k"] == 64
     for nb in ("01_prepare", "02_reference", "03_groundtruth", "04_cache", "05_estimate", "06_ablations",
                "07_curriculum", "08_memorization", "09_domain_order", "10_sample_orders", "11_multi_epoch"):
@@ -124,9 +136,3 @@ def test_dvc_repro_builds_every_stage(repo):
     assert '"k": 32' in json.dumps(shown)
     stale = json.loads(_run(["dvc", "status", "--json"], dest, env))
     assert set(stale) == {f"applications/dvc.yaml:{a}" for a in ("curriculum", "memorization", "domain_order")}
-
-    # The worker count is no param of any stage: changing it reruns nothing.
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["parallel"]["workers"] = 1
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert json.loads(_run(["dvc", "status", "--json"], dest, env)) == stale
