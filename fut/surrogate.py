@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
 
 
 @dataclass
@@ -36,16 +37,16 @@ class PositionModel:
 
 
 def fit(orders: Sequence[Sequence[int]], losses: Sequence[float], ridge: float = 1.0) -> PositionModel:
-    """Ridge regression of the centred losses on one-hot placements (T² features; non-finite losses left out)."""
+    """Ridge regression of the centred losses on one-hot placements (T² features; non-finite losses left out).
+    The design matrix is sparse (T ones per order): its normal equations cost T⁴, not n·T⁴."""
     S = np.asarray(orders)
     y = np.asarray(losses, dtype=float)
     ok = np.isfinite(y)
     S, y = S[ok], y[ok]
     n, T = S.shape
-    X = np.zeros((n, T * T))
-    X[np.arange(n)[:, None], S * T + np.arange(T)] = 1.0
+    X = csr_matrix((np.ones(n * T), (np.repeat(np.arange(n), T), (S * T + np.arange(T)).ravel())), shape=(n, T * T))
     mean = float(y.mean())
-    w = np.linalg.solve(X.T @ X + ridge * np.eye(T * T), X.T @ (y - mean))
+    w = np.linalg.solve((X.T @ X).toarray() + ridge * np.eye(T * T), X.T @ (y - mean))
     return PositionModel(mean, w.reshape(T, T))
 
 

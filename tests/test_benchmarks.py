@@ -290,3 +290,19 @@ def test_sequence_curvature_scores_three_replays_on_dev_orders_only(artefacts, t
     taken = subprocess.run([sys.executable, "benchmarks/sequence_curvature.py", *args[:-2], "--seed",
                             str(params.sample_orders.test_seed)], cwd=ROOT, capture_output=True, text=True)
     assert taken.returncode == 2 and "--seed must differ" in taken.stderr
+
+
+def test_surrogate_calls_fits_each_multiplier_on_dev_random_orders_only(artefacts, tmp_path):
+    common, a = artefacts
+    out = tmp_path / "surrogate_calls.json"
+    printed = run_script("surrogate_calls.py", *common, "--cache", a["cache"], "--groundtruth", a["groundtruth"],
+                         "--calls", "1", "8", "--held-out", "50", "--out", str(out))
+    r = json.loads(out.read_text())
+    T = config.load(common[1]).window.steps
+    assert r["split"] == "dev" and r["n_dev_random"] == sum(family(n) == "random" for n in a["dev"])
+    assert [x["estimator_calls"] for x in r["calls"].values()] == [T * T, 8 * T * T]
+    assert r["chosen"] == max(r["calls"], key=lambda k: r["calls"][k]["dev_random_r2"])
+    assert "| calls per T² |" in printed and "chosen:" in printed
+    bad = subprocess.run([sys.executable, "benchmarks/surrogate_calls.py", *common, "--calls", "0"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--calls must be positive" in bad.stderr
