@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.options import pipeline_paths  # noqa: E402
+from benchmarks.options import pipeline_paths, scores  # noqa: E402
 from fut import config, protocol  # noqa: E402
 from fut.epochs import EpochReference, epoch_checkpoints  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
@@ -39,15 +39,8 @@ from fut.groundtruth import retrain_all  # noqa: E402
 from fut.orders import family  # noqa: E402
 from fut.reference import ReferenceRun  # noqa: E402
 from fut.schedules import as_units, epoch_order_set  # noqa: E402
-from fut.stats import r2_order_effect, rank_correlation  # noqa: E402
 from fut.storage import atomic_write_json, read_json  # noqa: E402
 from fut.subspace import build_subspace, delta, fit_readout  # noqa: E402
-
-
-def scores(est: np.ndarray, truth: np.ndarray, naive: float, rows: list[int]) -> dict:
-    e, t = est[rows], truth[rows]
-    return {"r2_order_effect": r2_order_effect(e, t, naive), "spearman": rank_correlation(e, t),
-            "bias_ppl": float(np.mean(np.exp(e) - np.exp(t))), "n": len(rows)}
 
 
 def main(argv: list[str] | None = None) -> int:

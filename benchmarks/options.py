@@ -1,9 +1,14 @@
 """What the benchmarks share: the command-line options for the pipeline's params file and stage outputs, at their
-dvc.yaml paths in this checkout, so each script declares only its own options."""
+dvc.yaml paths in this checkout, so each script declares only its own options; and the scores of a variant on a
+family of dev orders."""
 from __future__ import annotations
 
 from argparse import ArgumentParser
 from pathlib import Path
+
+import numpy as np
+
+from fut.stats import r2_order_effect, rank_correlation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,3 +29,12 @@ def pipeline_paths(ap: ArgumentParser, *extra: str) -> None:
     for option in ("--params", "--data", "--reference", *extra):
         default, help = PIPELINE_PATHS[option]
         ap.add_argument(option, type=Path, default=ROOT / default, help=help)
+
+
+def scores(est: np.ndarray, truth: np.ndarray, naive: float, rows: list[int]) -> dict:
+    """Estimated against true final eval losses on `rows`: R² of the order effect against the naive loss,
+    Spearman, and the mean and mean absolute error in PPL."""
+    e, t = est[rows], truth[rows]
+    err = np.exp(e) - np.exp(t)
+    return {"r2_order_effect": r2_order_effect(e, t, naive), "spearman": rank_correlation(e, t),
+            "bias_ppl": float(np.mean(err)), "absdiff_ppl": float(np.mean(np.abs(err))), "n": len(rows)}

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.options import pipeline_paths  # noqa: E402
+from benchmarks.options import pipeline_paths, scores  # noqa: E402
 from fut import config, protocol  # noqa: E402
 from fut.device import autocast  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
@@ -36,16 +36,8 @@ from fut.reference import ReferenceRun  # noqa: E402
 from fut.sample_orders import start_losses  # noqa: E402
 from fut.schedules import as_units, sample_order_set  # noqa: E402
 from fut.sequence_cache import SequenceCache  # noqa: E402
-from fut.stats import r2_order_effect, rank_correlation  # noqa: E402
 from fut.storage import atomic_write_json, load_tensors  # noqa: E402
 from fut.subspace import delta  # noqa: E402
-
-
-def scores(est: np.ndarray, truth: np.ndarray, naive: float, rows: list[int]) -> dict:
-    e, t = est[rows], truth[rows]
-    return {"r2_order_effect": r2_order_effect(e, t, naive), "spearman": rank_correlation(e, t),
-            "bias_ppl": float(np.mean(np.exp(e) - np.exp(t))),
-            "absdiff_ppl": float(np.mean(np.abs(np.exp(e) - np.exp(t)))), "n": len(rows)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,12 +23,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.options import pipeline_paths  # noqa: E402
+from benchmarks.options import pipeline_paths, scores  # noqa: E402
 from fut import config, estimators, protocol  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
 from fut.orders import family  # noqa: E402
 from fut.reference import ReferenceRun  # noqa: E402
-from fut.stats import r2_order_effect, rank_correlation  # noqa: E402
 from fut.storage import atomic_write_json  # noqa: E402
 from fut.surrogate import fit_to_estimator, random_orders  # noqa: E402
 
@@ -54,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     named = protocol.scored({n: r["order"] for n, r in dev.items()})
     rand = [n for n in named if family(n) == "random"]
     orders, truth = np.array([named[n] for n in rand]), np.array([dev[n]["eval_loss"] for n in rand])
+    every = list(range(len(rand)))
     held = random_orders(T, args.held_out, seed=99)
     method_held = call(held)
     rows = {}
@@ -61,25 +61,22 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model = fit_to_estimator(call, T, mult * T * T, seed=11)
         seconds = time.perf_counter() - t0
-        est = model.score(orders)
         rows[str(mult)] = {"estimator_calls": mult * T * T, "seconds": seconds,
-                           "dev_random_r2": r2_order_effect(est, truth, ctx.naive_loss),
-                           "dev_random_spearman": rank_correlation(est, truth),
+                           "dev_random": scores(model.score(orders), truth, ctx.naive_loss, every),
                            "held_out_corr_with_method": float(np.corrcoef(model.score(held), method_held)[0, 1])}
-    method_dev = call(orders)
     result = {"split": "dev", "method": method, "T": T, "n_dev_random": len(rand), "held_out": args.held_out,
-              "method_dev_random_r2": r2_order_effect(method_dev, truth, ctx.naive_loss),
-              "method_dev_random_spearman": rank_correlation(method_dev, truth), "calls": rows,
-              "chosen": max(rows, key=lambda k: rows[k]["dev_random_r2"])}
+              "method_dev_random": scores(call(orders), truth, ctx.naive_loss, every), "calls": rows,
+              "chosen": max(rows, key=lambda k: rows[k]["dev_random"]["r2_order_effect"])}
     atomic_write_json(args.out, result)
     fmt = lambda x: "—" if x is None else f"{x:.3f}"
-    print(f"{method} itself on the {len(rand)} dev random orders: R² {fmt(result['method_dev_random_r2'])}, "
-          f"Spearman {fmt(result['method_dev_random_spearman'])}")
+    itself = result["method_dev_random"]
+    print(f"{method} itself on the {len(rand)} dev random orders: R² {fmt(itself['r2_order_effect'])}, "
+          f"Spearman {fmt(itself['spearman'])}")
     print("| calls per T² | estimates | seconds | R² random (dev) | Spearman random (dev) | corr. with the method |")
     print("|---|---|---|---|---|---|")
     for mult, r in rows.items():
-        print(f"| {mult} | {r['estimator_calls']} | {r['seconds']:.2f} | {fmt(r['dev_random_r2'])} | "
-              f"{fmt(r['dev_random_spearman'])} | {fmt(r['held_out_corr_with_method'])} |")
+        print(f"| {mult} | {r['estimator_calls']} | {r['seconds']:.2f} | {fmt(r['dev_random']['r2_order_effect'])} | "
+              f"{fmt(r['dev_random']['spearman'])} | {fmt(r['held_out_corr_with_method'])} |")
     print(f"chosen: {result['chosen']} per T²; wrote {args.out}")
     return 0
 

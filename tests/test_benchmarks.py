@@ -301,7 +301,7 @@ def test_surrogate_calls_fits_each_multiplier_on_dev_random_orders_only(artefact
     T = config.load(common[1]).window.steps
     assert r["split"] == "dev" and r["n_dev_random"] == sum(family(n) == "random" for n in a["dev"])
     assert [x["estimator_calls"] for x in r["calls"].values()] == [T * T, 8 * T * T]
-    assert r["chosen"] == max(r["calls"], key=lambda k: r["calls"][k]["dev_random_r2"])
+    assert r["chosen"] == max(r["calls"], key=lambda k: r["calls"][k]["dev_random"]["r2_order_effect"])
     assert "| calls per T² |" in printed and "chosen:" in printed
     bad = subprocess.run([sys.executable, "benchmarks/surrogate_calls.py", *common, "--calls", "0"], cwd=ROOT,
                          capture_output=True, text=True)
