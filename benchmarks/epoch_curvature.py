@@ -10,9 +10,12 @@ orders, and scored against retrained dev orders: the multi_epoch stage's, plus `
 from `--seed` + E (not a test seed) and retrained here into `--work` (resumable), since the stage's dev set is too
 small to choose by. The test orders are not read. `multi_epoch.damping[E]` is the λ whose worse family (random or
 domain blocks) has the highest R² under the quadratic readout, the default: printed as `chosen`.
+With `--calibrate K ...`, each variant's estimates of the random dev orders are also scored after a calibration
+on K of them (benchmarks/options.py `calibrated_scores`: a line or a shift fitted to K retrained orders, the
+others scored, the median over `--draws` draws): what K calibration retrains in the cache would buy.
 
     python benchmarks/epoch_curvature.py [--params params.yaml] [--epochs 2 3] [--extra 10 6 6] [--seed 7000]
-                                         [--damping 0 50 100 200 400 600 800 1200]
+                                         [--damping 0 50 100 200 400 600 800 1200] [--calibrate 2 4 8]
 
 Needs the `multi_epoch` stage's output (its dev ground truth, and its caches' folder for their provenance). Prints a
 table and writes benchmarks/results/epoch_curvature.json.
@@ -31,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.options import pipeline_paths, scores  # noqa: E402
+from benchmarks.options import calibrated_scores, pipeline_paths, scores  # noqa: E402
 from fut import config, protocol  # noqa: E402
 from fut.epochs import EpochReference, epoch_checkpoints  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
@@ -53,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "data/epoch_curvature")
     ap.add_argument("--damping", type=float, nargs="+", default=[0, 50, 100, 200, 400, 600, 800, 1200],
                     help="the dampings λ >= 0 tried with the adopted sources")
+    ap.add_argument("--calibrate", type=int, nargs="*", default=[], metavar="K",
+                    help="also score the random dev orders after a calibration on K of them (K >= 2)")
+    ap.add_argument("--draws", type=int, default=50, help="draws of the K calibration orders")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/epoch_curvature.json")
     args = ap.parse_args(argv)
+    if args.calibrate and min(args.calibrate) < 2:
+        ap.error(f"--calibrate needs K >= 2 orders to fit a line, got {min(args.calibrate)}")
     params = config.load(args.params)
     if args.seed in (params.multi_epoch.seed, params.multi_epoch.test_seed):
         ap.error(f"--seed must differ from multi_epoch.seed and multi_epoch.test_seed, got {args.seed}")
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--damping must be >= 0, got {min(args.damping)}")
     run = ReferenceRun(params, args.data, args.reference)
     ctx = EstimationContext(run, args.cache)
-    c, out, lines, sizes, chosen = params.cache, {}, [], {}, {}
+    c, out, lines, sizes, chosen, calibrated = params.cache, {}, [], {}, {}, []
     for E in args.epochs or params.multi_epoch.epochs:
         ref = EpochReference(ctx.cache, E, args.multi_epoch / "cache")
         dev = protocol.dev_truth(args.multi_epoch / "groundtruth" / f"epochs_{E}")
@@ -102,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"{r['bias_ppl']:+.3f} | {d['r2_order_effect']:.3f} | {d['bias_ppl']:+.3f} | "
                              f"{a['r2_order_effect']:.3f} | {a['bias_ppl']:+.3f} |")
                 print(lines[-1], flush=True)
+                for k in args.calibrate:
+                    cal = out[key].setdefault("random_calibrated", {})[str(k)] = calibrated_scores(
+                        est, y, naive, groups["random"], k, args.draws, seed=k)
+                    if cal:
+                        calibrated.append(f"| {E} | {label} | {readout} | {k} | " + " | ".join(
+                            f"{cal[h]['r2_order_effect']:.3f} | {cal[h]['spearman']:.3f}" for h in ("affine", "shift"))
+                            + f" | {cal['affine']['n_scored']} |")
             return out[f"E={E} {label} quadratic"]
 
         for label, src in (("pair and visits", adopted), ("pair at 0", pair_only), ("none", plain)):
@@ -125,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
     print("chosen damping per E:", {E: f"{lam:g}" for E, lam in chosen.items()})
+    if calibrated:
+        print("random dev orders after a calibration on K of them (median over draws; the others scored):")
+        print("| E | own curvature | readout | K | R² line | Spearman line | R² shift | Spearman shift | scored |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(calibrated))
     atomic_write_json(args.out, {"split": "dev", "extra": counts, "seed": args.seed, "n": sizes, "results": out,
                                  "damping": args.damping, "chosen_damping": chosen})
     return 0

@@ -38,3 +38,25 @@ def scores(est: np.ndarray, truth: np.ndarray, naive: float, rows: list[int]) ->
     err = np.exp(e) - np.exp(t)
     return {"r2_order_effect": r2_order_effect(e, t, naive), "spearman": rank_correlation(e, t),
             "bias_ppl": float(np.mean(err)), "absdiff_ppl": float(np.mean(np.abs(err))), "n": len(rows)}
+
+
+def calibrated_scores(est: np.ndarray, truth: np.ndarray, naive: float, rows: list[int], k: int, draws: int,
+                      seed: int) -> dict | None:
+    """What calibrating an estimator on k retrained orders gives: for each of `draws` seeded draws of k of `rows`,
+    the order effects (est − naive) of the other rows mapped by the least-squares line through the k orders'
+    (estimated, true) effects (`affine`), or shifted by their mean residual (`shift`), and scored; the median over
+    draws of each score. None when fewer than 3 rows would be left to score."""
+    if len(rows) - k < 3:
+        return None
+    rng = np.random.default_rng(seed)
+    runs: dict[str, list[dict]] = {"affine": [], "shift": []}
+    for _ in range(draws):
+        pick = rng.choice(rows, size=k, replace=False)
+        taken = set(pick.tolist())
+        rest = [r for r in rows if r not in taken]
+        slope, offset = np.polyfit(est[pick] - naive, truth[pick] - naive, 1)
+        mapped = {"affine": naive + offset + slope * (est - naive), "shift": est + np.mean(truth[pick] - est[pick])}
+        for how, values in mapped.items():
+            runs[how].append(scores(values, truth, naive, rest))
+    return {how: {key: float(np.median([r[key] for r in rs])) for key in ("r2_order_effect", "spearman", "bias_ppl")}
+            | {"n_scored": len(rows) - k, "k": k, "draws": draws} for how, rs in runs.items()}

@@ -7,10 +7,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+from benchmarks.options import calibrated_scores
 from checks.tiny import tiny_params
 from conftest import ROOT
 from fut import config, protocol
@@ -215,9 +217,12 @@ def test_epoch_curvature_scores_three_replays_and_the_dampings_on_dev_orders_onl
     out = tmp_path / "epoch_curvature.json"
     args = [*common, "--cache", a["cache"], "--multi-epoch", str(tmp_path / "me"), "--extra", "1", "1", "1",
             "--work", str(tmp_path / "work"), "--out", str(out)]
-    printed = run_script("epoch_curvature.py", *args, "--damping", "0", "5")
+    printed = run_script("epoch_curvature.py", *args, "--damping", "0", "5", "--calibrate", "2")
     r = json.loads(out.read_text())
     E = params.multi_epoch.epochs[0]
+    n_random = sum(v for k, v in params.multi_epoch.dev.items() if k.startswith("random")) + 2     # + the extra
+    calibrated = r["results"][f"E={E} pair at 0 exact"]["random_calibrated"]["2"]
+    assert calibrated["affine"]["n_scored"] == n_random - 2 and "| R² line |" in printed
     labels = ("pair and visits", "pair at 0", "none", "pair and visits, damping 0", "pair and visits, damping 5")
     keys = {f"E={E} {c} {k}" for c in labels for k in ("quadratic", "exact")}
     assert r["split"] == "dev" and set(r["results"]) == keys and "| R² random |" in printed
@@ -229,7 +234,8 @@ def test_epoch_curvature_scores_three_replays_and_the_dampings_on_dev_orders_onl
     assert r["results"][f"E={E} {labels[4]} exact"] != r["results"][f"E={E} {labels[0]} exact"]
     assert r["chosen_damping"][str(E)] in (0, 5) and "chosen: E = " in printed
     for bad, needle in ((["--seed", str(params.multi_epoch.seed)], "--seed must differ"),
-                        (["--damping", "-1"], "--damping must be >= 0")):
+                        (["--damping", "-1"], "--damping must be >= 0"),
+                        (["--calibrate", "1"], "--calibrate needs K >= 2")):
         taken = subprocess.run([sys.executable, "benchmarks/epoch_curvature.py", *args[:-2], *bad], cwd=ROOT,
                                capture_output=True, text=True)
         assert taken.returncode == 2 and needle in taken.stderr
@@ -306,3 +312,16 @@ def test_surrogate_calls_fits_each_multiplier_on_dev_random_orders_only(artefact
     bad = subprocess.run([sys.executable, "benchmarks/surrogate_calls.py", *common, "--calls", "0"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--calls must be positive" in bad.stderr
+
+
+def test_a_calibration_on_k_orders_recovers_an_affinely_wrong_estimator():
+    """Estimates off by a line (or a shift) become exact for every order outside the k it is fitted on."""
+    truth = np.log(np.linspace(260.0, 264.0, 9))
+    naive = float(np.log(262.5))
+    rows = list(range(9))
+    line = calibrated_scores(naive + 0.3 + 2.0 * (truth - naive), truth, naive, rows, k=3, draws=5, seed=0)
+    assert line["affine"]["r2_order_effect"] == pytest.approx(1.0) and line["affine"]["n_scored"] == 6
+    assert line["shift"]["r2_order_effect"] < 0.9                       # a shift cannot undo the slope
+    shifted = calibrated_scores(truth + 0.01, truth, naive, rows, k=3, draws=5, seed=0)
+    assert shifted["shift"]["r2_order_effect"] == pytest.approx(1.0)
+    assert calibrated_scores(truth, truth, naive, rows, k=7, draws=5, seed=0) is None    # 2 left: too few to score
