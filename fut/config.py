@@ -509,12 +509,14 @@ class Params:
             _check(not used or "domain" in self.cache.curvature, "cache.curvature", self.cache.curvature,
                    f"a list with 'domain' ({name} replays with fut-subspace, which needs the domain eigenspaces)")
 
-    def section_hash(self, *names: str) -> str:
-        """Stable hash of the named sections: the provenance key of an artefact built from them."""
-        def values(section: Any) -> dict:
-            return dataclasses.asdict(section)
-
-        blob = json.dumps({n: values(getattr(self, n)) for n in sorted(names)}, sort_keys=True)
+    def section_hash(self, *names: str, omit: dict[str, tuple[str, ...]] | None = None) -> str:
+        """Stable hash of the named sections: the provenance key of an artefact built from them, less the keys
+        `omit` names per section (keys that artefact never reads)."""
+        sections = {n: dataclasses.asdict(getattr(self, n)) for n in names}
+        for name, keys in (omit or {}).items():
+            for key in keys:
+                del sections[name][key]
+        blob = json.dumps(sections, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

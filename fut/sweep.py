@@ -13,8 +13,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import multiprocessing
 import shutil
@@ -78,12 +76,7 @@ NOT_READ = {"estimate": ("trajectory_methods",)}
 def point_key(point: Params, base: Params) -> str:
     """Provenance of a point: the sections its run reads (less NOT_READ), and the corpus definition its text
     came from."""
-    sections = {n: dataclasses.asdict(getattr(point, n)) for n in POINT_SECTIONS}
-    for section, keys in NOT_READ.items():
-        for key in keys:
-            del sections[section][key]
-    digest = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{digest}-{base.section_hash('corpus')}"
+    return f"{point.section_hash(*POINT_SECTIONS, omit=NOT_READ)}-{base.section_hash('corpus')}"
 
 
 def run_point(params: Params, key: str, name: str, work_dir: Path, out_file: Path, keep: bool = False) -> dict:

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,18 @@ def test_section_hash_tracks_only_named_sections(params_dict):
     b = config.from_dict(params_dict)
     assert a.section_hash("model", "window") == b.section_hash("model", "window")
     assert a.section_hash("groundtruth") != b.section_hash("groundtruth")
+
+
+def test_section_hash_leaves_out_only_the_omitted_keys(params_dict):
+    a = config.from_dict(params_dict)
+    params_dict["groundtruth"]["n_random"] = 7
+    b = config.from_dict(params_dict)
+    omit = {"groundtruth": ("n_random",)}
+    assert a.section_hash("groundtruth", omit=omit) == b.section_hash("groundtruth", omit=omit)
+    params_dict["groundtruth"]["seed"] += 1
+    c = config.from_dict(params_dict)
+    assert a.section_hash("groundtruth", omit=omit) != c.section_hash("groundtruth", omit=omit)
+    assert "n_random" in dataclasses.asdict(a.groundtruth)      # the params themselves are left as they are
 
 
 def test_default_model_is_about_one_million_parameters():
