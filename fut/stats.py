@@ -4,6 +4,7 @@ absolute perplexity errors, and stratified bootstrap confidence intervals. The o
 bootstraps in the suite."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,8 +23,16 @@ def rank_correlation(x: Sequence[float], y: Sequence[float], kind: str = "spearm
 
 def r2_order_effect(est: np.ndarray, true: np.ndarray, naive: float) -> float | None:
     """1 − Σ(est − true)² / Σ(naive − true)²: the skill of the estimate against "order does not matter"."""
-    den = np.sum((naive - true) ** 2)
-    return float(1 - np.sum((est - true) ** 2) / den) if den > 0 else None
+    r2 = float(rowwise_r2_order_effect(np.asarray(est, dtype=float)[None], np.asarray(true, dtype=float)[None],
+                                       naive)[0])
+    return None if math.isnan(r2) else r2
+
+
+def rowwise_r2_order_effect(est: np.ndarray, true: np.ndarray, naive: float) -> np.ndarray:
+    """`r2_order_effect` of every row of [B, m] estimates and true losses, NaN where undefined (no spread)."""
+    den = ((naive - true) ** 2).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, 1 - ((est - true) ** 2).sum(axis=1) / den, np.nan)
 
 
 def resamples(strata: Sequence[int], n_boot: int, seed: int) -> np.ndarray:
@@ -112,9 +121,7 @@ def accuracy(est_loss: np.ndarray, true_loss: np.ndarray, naive_loss: float, n_b
         if name in ("spearman", "kendall"):
             return rowwise_rank_correlation(e, t, name)
         if name == "r2_order_effect":
-            den = ((naive_loss - t) ** 2).sum(axis=1)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                return np.where(den > 0, 1 - ((e - t) ** 2).sum(axis=1) / den, np.nan)
+            return rowwise_r2_order_effect(e, t, naive_loss)
         err = est_ppl[i] - true_ppl[i]
         return {"bias_ppl": err.mean(axis=1), "absdiff_ppl": np.abs(err).mean(axis=1),
                 "rel_err": (np.abs(err) / true_ppl[i]).mean(axis=1)}[name]

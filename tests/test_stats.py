@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fut.stats import (accuracy, bootstrap_ci, r2_order_effect, rank_correlation, resamples,
-                       rowwise_rank_correlation)
+                       rowwise_r2_order_effect, rowwise_rank_correlation)
 
 TRUE = np.array([5.50, 5.52, 5.57, 5.60, 5.61])
 NAIVE = 5.56
@@ -92,3 +92,13 @@ def test_interval_of_a_metric_is_the_percentiles_of_that_metric_on_each_resample
     rho = [rank_correlation(est[i], true[i]) for i in idx]
     assert out["r2_order_effect_ci"] == pytest.approx(list(np.percentile(r2, [2.5, 97.5])), abs=1e-14)
     assert out["spearman_ci"] == pytest.approx(list(np.percentile(rho, [2.5, 97.5])), abs=1e-14)
+
+
+def test_r2_order_effect_is_the_skill_against_naive_and_undefined_without_spread():
+    true = np.array([1.0, 3.0, 2.0])
+    assert r2_order_effect(np.array([1.5, 3.0, 2.0]), true, 2.0) == 1 - 0.25 / 2     # 1 − Σ(e − t)² / Σ(n − t)²
+    assert r2_order_effect(np.array([1.0, 2.0, 3.0]), true, 2.0) == 0.0
+    assert r2_order_effect(true, np.full(3, 2.0), 2.0) is None                        # every order at naive
+    rows = np.array([[1.5, 3.0, 2.0], [1.0, 2.0, 3.0], [2.0, 2.0, 2.0]])
+    truths = np.array([true, true, np.full(3, 2.0)])
+    np.testing.assert_array_equal(rowwise_r2_order_effect(rows, truths, 2.0), [0.875, 0.0, np.nan])
