@@ -36,8 +36,8 @@ import logging
 import math
 import sys
 import time
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -543,8 +543,8 @@ class UpdateCache:
                              f"(cache.checkpoint_stride = {self.params.cache.checkpoint_stride})")
         n_rows = basis_layout(T, len(cks), [self.params.cache.curvature_rank] * len(keys))["size"]
         return SubspaceSources(
-            pair_checkpoints=cks, eigen_keys=keys,
-            eigen_values=[self.eigen(c, g)[0] for c, g in keys], groups=[batch_group(run.prepared, j) for j in range(T)],
+            pair_checkpoints=cks, eigen_keys=keys, eigen_values=[self.eigen(c, g)[0] for c, g in keys],
+            groups=[batch_group(run.prepared, j) for j in range(T)],
             rows=lambda cols: self.basis_rows(cks, cols), dim=run.layout.dim, chunk=max(1, BASIS_FLOATS // n_rows),
             theta=lambda t: run.theta(t).cpu(), precond=mid.cpu(), precond_drift=drift, eval_grad=self.eval_grad(T),
             lrs=run.lrs,

@@ -251,7 +251,8 @@ def secant_raw_gain(ctx: EstimationContext, coordinates: int = 20_000, seed: int
             "eta_j_quantiles": dict(zip(map(str, q), torch.quantile(sample, torch.tensor(q, dtype=x.dtype)).tolist())),
             "share_amplifying": float(((1 - x).abs() > 1).double().mean()),
             "share_factor_above_10": float(((1 - x).abs() > 10).double().mean()),
-            "window_gain_quantiles": dict(zip(map(str, q), torch.quantile(log_gain.cpu(), torch.tensor(q, dtype=torch.float64)).exp().tolist()))}
+            "window_gain_quantiles": dict(zip(map(str, q), torch.quantile(
+                log_gain.cpu(), torch.tensor(q, dtype=torch.float64)).exp().tolist()))}
 
 
 def tracin(ctx: EstimationContext, sigma: torch.Tensor, kind: str, k: int | None) -> torch.Tensor:

@@ -102,8 +102,8 @@ def check_disk(plan: dict, cache_dir: Path) -> None:
 
 
 def describe(plan: dict) -> str:
-    lines = [f"cache plan: {plan['files']} files, {format_bytes(plan['bytes'])} ({format_bytes(plan['missing_bytes'])} still to "
-             f"write, {format_bytes(plan['free_bytes'])} free)",
+    lines = [f"cache plan: {plan['files']} files, {format_bytes(plan['bytes'])} "
+             f"({format_bytes(plan['missing_bytes'])} still to write, {format_bytes(plan['free_bytes'])} free)",
              f"  {plan['pair_gradients']} pair gradients + {plan['own_gradients']} own + {plan['after_gradients']} "
              f"after-step + {plan['eval_gradients']} eval gradients, {plan['hessian_vector_products']} Hessian-vector "
              f"products, {plan['probe_readouts']} probe readouts, {plan['workers']} worker(s)"]

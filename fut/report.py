@@ -301,8 +301,9 @@ def sample_orders(m: dict) -> tuple[str, list[str]]:
 
 
 def multi_epoch(m: dict) -> tuple[str, list[str]]:
-    growth = [[g["epochs"], g.get("damping"), g.get("random_r2_order_effect"), g.get("random_spearman"), g.get("all_r2_order_effect"),
-               g.get("all_absdiff_ppl"), g.get("naive_absdiff_ppl_all"), g.get("all_bias_ppl")]
+    growth = [[g["epochs"], g.get("damping"), g.get("random_r2_order_effect"), g.get("random_spearman"),
+               g.get("all_r2_order_effect"), g.get("all_absdiff_ppl"), g.get("naive_absdiff_ppl_all"),
+               g.get("all_bias_ppl")]
               for g in m["error_growth"]]
     lines = table(growth, ["epochs", "damping λ", "random R²", "random Spearman", "all R²", "all mean abs ΔPPL",
                            "naive's mean abs ΔPPL", "all bias PPL"])
@@ -387,7 +388,8 @@ def _commit(root: Path) -> str:
 
 
 def summary(reports: Path, params_file: Path) -> dict:
-    """The headline numbers: the default method on the test orders per family, its costs, and where they come from (commit, params hash, device, date). summary.json, a few keys for `dvc exp show`."""
+    """The headline numbers: the default method on the test orders per family, its costs, and where they come
+    from (commit, params hash, device, date). summary.json, a few keys for `dvc exp show`."""
     metrics = Path(reports) / "metrics"
     out: dict[str, Any] = {}
     if (metrics / "estimators.json").is_file():
@@ -395,10 +397,11 @@ def summary(reports: Path, params_file: Path) -> dict:
         d = e["default_method"]
         fams = e["test"]["families"]
         out["default_method"] = d
-        out["test"] = {f: {**{k: fams[f][d].get(k) for k in HEADLINE}, "naive_absdiff_ppl": fams[f]["naive"]["absdiff_ppl"]
-                           if "naive" in fams[f] else None} for f in FAMILY_ORDER if d in fams.get(f, {})}
-        out.update({k: e.get(k) for k in ("params_hash", "speedup_per_order", "break_even_orders", "retrain_seconds_per_order",
-                                          "default_seconds_per_order", "measured_at")})
+        out["test"] = {f: {**{k: fams[f][d].get(k) for k in HEADLINE},
+                           "naive_absdiff_ppl": fams[f]["naive"]["absdiff_ppl"] if "naive" in fams[f] else None}
+                       for f in FAMILY_ORDER if d in fams.get(f, {})}
+        out.update({k: e.get(k) for k in ("params_hash", "speedup_per_order", "break_even_orders",
+                                          "retrain_seconds_per_order", "default_seconds_per_order", "measured_at")})
         out["from_scratch_1000_speedup"] = (e.get("from_scratch") or {}).get("1000", {}).get("speedup")
         sur = e.get("surrogate") or {}
         out["surrogate_orders_per_second"] = sur.get("orders_per_second")
@@ -429,7 +432,8 @@ def summary_lines(s: dict) -> list[str]:
             f"{sig(s.get('estimator_orders_per_second'))} orders per second; its additive surrogate for searches scores "
             f"{sig(s.get('surrogate_orders_per_second'))} per second with R² {sig(s.get('surrogate_random_r2'))} on the "
             "test random orders.", "",
-            f"Provenance: commit `{s['commit']}`, hash of the params the estimates depend on `{s.get('params_hash')}`, device `{s.get('device')}`, "
+            f"Provenance: commit `{s['commit']}`, hash of the params the estimates depend on "
+            f"`{s.get('params_hash')}`, device `{s.get('device')}`, "
             f"estimated at {s.get('measured_at')}.", ""]
 
 

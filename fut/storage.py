@@ -99,8 +99,8 @@ def require_free_space(folder: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(probe).free
     if needed > free:
         raise InsufficientDisk(f"{folder}: {what} needs about {format_bytes(needed)} ({needed} bytes) but only "
-                               f"{format_bytes(free)} ({free} bytes) is free on its disk; free space or move the folder to a "
-                               "larger disk")
+                               f"{format_bytes(free)} ({free} bytes) is free on its disk; free space or move the "
+                               "folder to a larger disk")
 
 
 # All metadata under one key, as sorted JSON: safetensors writes a metadata map in hash order, which differs
