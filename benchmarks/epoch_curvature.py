@@ -1,15 +1,18 @@
-"""What each batch's own-direction curvature and the damping buy the multi-epoch replay (fut/epochs.py), on dev
-orders only.
+"""What each batch's own-direction curvature, the pairs at the epoch boundaries and the damping buy the
+multi-epoch replay (fut/epochs.py), on dev orders only.
 
-For each E, dev orders are estimated by fut-subspace over the E-epoch run three ways: with the rows
+For each E, dev orders are estimated by fut-subspace over the E-epoch run four ways: with the rows
 h = H_j P̄ g at θ_0 along batch j's pair at 0 and its own and after-step gradients at each of its E visits (the
-adopted choice), along its pair at 0 only, and without own-direction curvature, all without damping. Then the
-adopted sources with each damping λ of `--damping` (the restoring term λ P̄⁻¹ δ, fut/subspace.py), its quadratic
-readout refitted. Each is read out exactly (θ + δ evaluated) and with its quadratic readout fitted on the probe
-orders, and scored against retrained dev orders: the multi_epoch stage's, plus `--extra` orders per family drawn
-from `--seed` + E (not a test seed) and retrained here into `--work` (resumable), since the stage's dev set is too
-small to choose by. The test orders are not read. `multi_epoch.damping[E]` is the λ whose worse family (random or
-domain blocks) has the highest R² under the quadratic readout, the default: printed as `chosen`.
+adopted choice), along its pair at 0 only, and without own-direction curvature, all with pairs at every epoch
+boundary (`epoch_checkpoints`, adopted); and the adopted rows with pairs at 0 and E·T only; all without damping.
+Then both pair layouts of the adopted rows with each damping λ of `--damping` (the restoring term λ P̄⁻¹ δ,
+fut/subspace.py), the quadratic readout refitted. Each is read out exactly (θ + δ evaluated) and with its
+quadratic readout fitted on the probe orders, and scored against retrained dev orders: the multi_epoch stage's,
+plus `--extra` orders per family drawn from `--seed` + E (not a test seed) and retrained here into `--work`
+(resumable), since the stage's dev set is too small to choose by. The test orders are not read.
+`multi_epoch.damping[E]` is the λ whose worse family (random or domain blocks) has the highest R² under the
+quadratic readout, the default: printed as `chosen`; the pair layout adopted is the one whose best λ scores higher
+by that rule at every E (`best_damping_per_layout`).
 With `--calibrate K ...`, each variant's estimates of the random dev orders are also scored after a calibration
 on K of them (benchmarks/options.py `calibrated_scores`: a line or a shift fitted to K retrained orders, the
 others scored, the median over `--draws` draws): what K calibration retrains in the cache would buy.
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--damping must be >= 0, got {min(args.damping)}")
     run = ReferenceRun(params, args.data, args.reference)
     ctx = EstimationContext(run, args.cache)
-    c, out, lines, sizes, chosen, calibrated = params.cache, {}, [], {}, {}, []
+    c, out, lines, sizes, chosen, knots, calibrated = params.cache, {}, [], {}, {}, {}, []
     for E in args.epochs or params.multi_epoch.epochs:
         ref = EpochReference(ctx.cache, E, args.multi_epoch / "cache")
         dev = protocol.dev_truth(args.multi_epoch / "groundtruth" / f"epochs_{E}")
@@ -119,20 +122,26 @@ def main(argv: list[str] | None = None) -> int:
                             + f" | {cal['affine']['n_scored']} |")
             return out[f"E={E} {label} quadratic"]
 
-        for label, src in (("pair and visits", adopted), ("pair at 0", pair_only), ("none", plain)):
-            sub = build_subspace(src, exact, naive, c.probes, c.seed, probe_sigma=ref.probe_orders())
-            score(label, sub, src)
-            if src is adopted:
-                base = sub
-        worst = {}
-        for lam in args.damping:         # the adopted sources' matrices, each damping's readout refitted
-            sub = dataclasses.replace(base, damping=lam)
-            sub.readout_coef = fit_readout(sub, adopted, exact, naive, ref.probe_orders())
-            q = score(f"pair and visits, damping {lam:g}", sub, adopted)
-            r2 = [q[f]["r2_order_effect"] for f in ("random", "domain_blocks")]
-            worst[lam] = min(float("-inf") if x is None else x for x in r2)      # None: undefined, never chosen
-        chosen[E] = max(worst, key=worst.get)
-        print(f"chosen: E = {E}, damping {chosen[E]:g} (worse family's quadratic R² {worst[chosen[E]]:.3f})")
+        ends_only = ref.sources(thetas, preconds, [0, ref.steps])
+        layouts = {"pair and visits": adopted, "pair and visits, pairs at 0 and E·T only": ends_only}
+        built = {}
+        for label, src in (*layouts.items(), ("pair at 0", pair_only), ("none", plain)):
+            built[label] = build_subspace(src, exact, naive, c.probes, c.seed, probe_sigma=ref.probe_orders())
+            score(label, built[label], src)
+        worst = {label: {} for label in layouts}
+        for label, src in layouts.items():
+            for lam in args.damping:         # each layout's matrices, each damping's readout refitted
+                sub = dataclasses.replace(built[label], damping=lam)
+                sub.readout_coef = fit_readout(sub, src, exact, naive, ref.probe_orders())
+                q = score(f"{label}, damping {lam:g}", sub, src)
+                r2 = [q[f]["r2_order_effect"] for f in ("random", "domain_blocks")]
+                worst[label][lam] = min(float("-inf") if x is None else x for x in r2)  # None: undefined, never chosen
+        best = {label: max(w, key=w.get) for label, w in worst.items()}
+        knots[E] = {label: {"damping": lam, "worse_family_r2": worst[label][lam]} for label, lam in best.items()}
+        chosen[E] = best["pair and visits"]
+        for label, lam in best.items():
+            print(f"E = {E}, {label}: best damping {lam:g} (worse family's quadratic R² {worst[label][lam]:.3f})")
+        print(f"chosen: E = {E}, damping {chosen[E]:g}")
         sizes[E] = {f: len(r) for f, r in groups.items()}
     print(f"dev orders per E: {sizes}")
     print("| E | own curvature | readout | R² random | Spearman random | bias random | R² domain blocks | "
@@ -146,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|---|---|---|---|")
         print("\n".join(calibrated))
     atomic_write_json(args.out, {"split": "dev", "extra": counts, "seed": args.seed, "n": sizes, "results": out,
-                                 "damping": args.damping, "chosen_damping": chosen})
+                                 "damping": args.damping, "chosen_damping": chosen,
+                                 "best_damping_per_layout": knots})
     return 0
 
 

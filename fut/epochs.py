@@ -2,16 +2,16 @@
 
 The E-epoch reference trains the window's batches in their order E times from the window start (the one-epoch
 reference's, through `run_window`). Its fut-subspace basis has the units of the one-epoch one, each batch visited E
-times: the pairs g(θ_c, B_j) for every batch at c = 0 and E·T, each step's own gradient g(θ_t, B_{t mod T}) and the
-gradient right after it g(θ_{t+1}, B_{t mod T}) (a batch's gradient path has 2E knots between the pairs), the
-batch-level cache's domain eigenspaces at checkpoint 0 (θ_0 is the same), and each batch's Hessian at θ_0 along
-its own preconditioned gradients (fut/subspace.py `own_directions`). Adam's preconditioner is frozen at the
-E-epoch run's mid-point. The replay is damped with λ = multi_epoch.damping[E] (fut/subspace.py): without it, the
-replay's deviation keeps growing after the first epoch while training's stays bounded (training forgets an
-order's early differences; benchmarks/epoch_deviation.py), and λ was chosen on dev orders
-(benchmarks/epoch_curvature.py). The trajectory and the gradients are made in memory (E·T steps take seconds); the stored
-file, <dir>/epochs_<E>.safetensors, holds the replay's matrices with its provenance and the reference's final eval
-loss, and is rebuilt when either differs.
+times: the pairs g(θ_c, B_j) for every batch at every epoch boundary c = 0, T, ..., E·T, each step's own gradient
+g(θ_t, B_{t mod T}) and the gradient right after it g(θ_{t+1}, B_{t mod T}) (a batch's gradient path has up to
+3E + 1 knots), the batch-level cache's domain eigenspaces at checkpoint 0 (θ_0 is the same), and each batch's
+Hessian at θ_0 along its own preconditioned gradients (fut/subspace.py `own_directions`). Adam's preconditioner is
+frozen at the E-epoch run's mid-point. The replay is damped with λ = multi_epoch.damping[E] (fut/subspace.py):
+without it, the replay's deviation keeps growing after the first epoch while training's stays bounded (training
+forgets an order's early differences; benchmarks/epoch_deviation.py), and λ was chosen on dev orders
+(benchmarks/epoch_curvature.py). The trajectory and the gradients are made in memory (E·T steps take seconds);
+the stored file, <dir>/epochs_<E>.safetensors, holds the replay's matrices with its provenance (the pair
+checkpoints included) and the reference's final eval loss, and is rebuilt when either differs.
 """
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ def epoch_path(out_dir: Path, epochs: int) -> Path:
 
 
 def epoch_checkpoints(steps: int, epochs: int) -> list[int]:
-    """The pair checkpoints: the start and the end of the E-epoch run."""
-    return [0, steps * epochs]
+    """The pair checkpoints: every epoch boundary of the E-epoch run, its start and end included. Chosen on dev
+    orders (benchmarks/epoch_curvature.py) against the start and the end only."""
+    return [steps * e for e in range(epochs + 1)]
 
 
 def reference_order(steps: int, epochs: int) -> list[int]:
@@ -60,7 +61,7 @@ class EpochReference:
         self.damping = self.params.multi_epoch.damping.get(str(epochs), 0.0)
         # the sources' layout and the damping are part of the file's provenance: a file of others is rebuilt
         self.meta = {**store.provenance, "kind": "epochs", "epochs": epochs, "own_directions": OWN_DIRECTIONS,
-                     "damping": self.damping}
+                     "pair_checkpoints": epoch_checkpoints(self.T, epochs), "damping": self.damping}
 
     def load(self) -> tuple[Subspace, float]:
         """The stored subspace and the E-epoch reference's final eval loss (for estimates: nothing is built)."""
@@ -155,7 +156,7 @@ class EpochReference:
     def _build(self) -> tuple[Subspace, dict]:
         thetas, preconds, final_loss, train_seconds = self.trajectory()
         t1 = time.perf_counter()
-        src = self.sources(thetas, preconds, epoch_checkpoints(self.T, self.E))
+        src = self.sources(thetas, preconds, self.meta["pair_checkpoints"])
         grad_seconds = time.perf_counter() - t1
         c = self.params.cache
         sub = build_subspace(src, partial(self.run.eval_losses_at, thetas[self.steps]), final_loss, c.probes, c.seed,

@@ -88,6 +88,23 @@ def test_stored_replays_of_another_source_layout_are_refused_and_rebuilt(ctx, tm
     SequenceCache(ctx.cache, tmp_path / "seq").subspace()
 
 
+def test_an_epoch_cache_with_pairs_at_other_checkpoints_is_refused_and_rebuilt(ctx, tmp_path, monkeypatch):
+    """The E-epoch basis has pairs at every epoch boundary; a file built with others (the layout before) is
+    refused by estimates and rebuilt by the stage."""
+    import fut.epochs
+    from fut.storage import ArtefactMismatch
+    T = ctx.T
+    assert EpochReference(ctx.cache, 2, tmp_path).meta["pair_checkpoints"] == [0, T, 2 * T]
+    monkeypatch.setattr(fut.epochs, "epoch_checkpoints", lambda steps, epochs: [0, steps * epochs])
+    ends, record = EpochReference(ctx.cache, 2, tmp_path).load_or_build()
+    assert record["gradients"] == 2 * T + 2 * 2 * T + 1               # pairs at 0 and 2T, own and after-step
+    monkeypatch.undo()
+    with pytest.raises(ArtefactMismatch, match="pair_checkpoints"):
+        EpochReference(ctx.cache, 2, tmp_path).load()
+    every, record = EpochReference(ctx.cache, 2, tmp_path).load_or_build()
+    assert record["gradients"] == 3 * T + 2 * 2 * T + 1 and every.dim == ends.dim + T
+
+
 def test_an_epoch_cache_of_another_damping_is_refused_and_rebuilt_with_the_params_damping(ctx, tmp_path):
     """multi_epoch.damping[E] is part of the E-epoch file's provenance: estimates refuse a file replayed with
     another λ, and the stage rebuilds it with the λ of the params."""
