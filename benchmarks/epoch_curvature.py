@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--damping must be >= 0, got {min(args.damping)}")
     run = ReferenceRun(params, args.data, args.reference)
     ctx = EstimationContext(run, args.cache)
-    c, out, lines, sizes, chosen, knots, calibrated = params.cache, {}, [], {}, {}, {}, []
+    c, out, lines, sizes, chosen, per_layout, calibrated = params.cache, {}, [], {}, {}, {}, []
     for E in args.epochs or params.multi_epoch.epochs:
         ref = EpochReference(ctx.cache, E, args.multi_epoch / "cache")
         dev = protocol.dev_truth(args.multi_epoch / "groundtruth" / f"epochs_{E}")
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 r2 = [q[f]["r2_order_effect"] for f in ("random", "domain_blocks")]
                 worst[label][lam] = min(float("-inf") if x is None else x for x in r2)  # None: undefined, never chosen
         best = {label: max(w, key=w.get) for label, w in worst.items()}
-        knots[E] = {label: {"damping": lam, "worse_family_r2": worst[label][lam]} for label, lam in best.items()}
+        per_layout[E] = {label: {"damping": lam, "worse_family_r2": worst[label][lam]} for label, lam in best.items()}
         chosen[E] = best["pair and visits"]
         for label, lam in best.items():
             print(f"E = {E}, {label}: best damping {lam:g} (worse family's quadratic R² {worst[label][lam]:.3f})")
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(calibrated))
     atomic_write_json(args.out, {"split": "dev", "extra": counts, "seed": args.seed, "n": sizes, "results": out,
                                  "damping": args.damping, "chosen_damping": chosen,
-                                 "best_damping_per_layout": knots})
+                                 "best_damping_per_layout": per_layout})
     return 0
 
 
