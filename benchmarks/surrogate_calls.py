@@ -28,6 +28,7 @@ from fut import config, estimators, protocol  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
 from fut.orders import family  # noqa: E402
 from fut.reference import ReferenceRun  # noqa: E402
+from fut.report import fmt, table  # noqa: E402
 from fut.storage import atomic_write_json  # noqa: E402
 from fut.surrogate import fit_to_estimator, random_orders  # noqa: E402
 
@@ -68,15 +69,13 @@ def main(argv: list[str] | None = None) -> int:
               "method_dev_random": scores(call(orders), truth, ctx.naive_loss, every), "calls": rows,
               "chosen": max(rows, key=lambda k: rows[k]["dev_random"]["r2_order_effect"])}
     atomic_write_json(args.out, result)
-    fmt = lambda x: "—" if x is None else f"{x:.3f}"
     itself = result["method_dev_random"]
     print(f"{method} itself on the {len(rand)} dev random orders: R² {fmt(itself['r2_order_effect'])}, "
           f"Spearman {fmt(itself['spearman'])}")
-    print("| calls per T² | estimates | seconds | R² random (dev) | Spearman random (dev) | corr. with the method |")
-    print("|---|---|---|---|---|---|")
-    for mult, r in rows.items():
-        print(f"| {mult} | {r['estimator_calls']} | {r['seconds']:.2f} | {fmt(r['dev_random']['r2_order_effect'])} | "
-              f"{fmt(r['dev_random']['spearman'])} | {fmt(r['held_out_corr_with_method'])} |")
+    print("\n".join(table([[mult, r["estimator_calls"], r["seconds"], r["dev_random"]["r2_order_effect"],
+                             r["dev_random"]["spearman"], r["held_out_corr_with_method"]] for mult, r in rows.items()],
+                           ["calls per T²", "estimates", "seconds", "R² random (dev)", "Spearman random (dev)",
+                            "corr. with the method"])))
     print(f"chosen: {result['chosen']} per T²; wrote {args.out}")
     return 0
 
