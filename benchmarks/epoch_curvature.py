@@ -1,18 +1,20 @@
-"""What each batch's own-direction curvature, the pairs at the epoch boundaries and the damping buy the
-multi-epoch replay (fut/epochs.py), on dev orders only.
+"""What each batch's own-direction curvature, the pairs at the epoch boundaries, the Galerkin curvature and the
+damping buy the multi-epoch replay (fut/epochs.py), on dev orders only.
 
-For each E, dev orders are estimated by fut-subspace over the E-epoch run four ways: with the rows
-h = H_j P̄ g at θ_0 along batch j's pair at 0 and its own and after-step gradients at each of its E visits (the
-adopted choice), along its pair at 0 only, and without own-direction curvature, all with pairs at every epoch
-boundary (`epoch_checkpoints`, adopted); and the adopted rows with pairs at 0 and E·T only; all without damping.
-Then both pair layouts of the adopted rows with each damping λ of `--damping` (the restoring term λ P̄⁻¹ δ,
-fut/subspace.py), the quadratic readout refitted. Each is read out exactly (θ + δ evaluated) and with its
-quadratic readout fitted on the probe orders, and scored against retrained dev orders: the multi_epoch stage's,
+For each E, dev orders are estimated by fut-subspace over the E-epoch run: with each domain's curvature-batch
+Hessian applied to the whole deviation and projected on the basis (Galerkin, fut/subspace.py `hessian_ops`: the
+adopted choice) or only its top eigenspace, both with the rows h = H_j P̄ g at θ_0 along batch j's pair at 0 and
+its own and after-step gradients at each of its E visits; with the eigenspaces, also along its pair at 0 only and
+without own-direction curvature, all with pairs at every epoch boundary (`epoch_checkpoints`, adopted); and the
+eigenspaces with pairs at 0 and E·T only; all without damping. Then the three layouts of the own-direction rows
+(Galerkin; eigenspaces; eigenspaces with pairs at 0 and E·T only) with each damping λ of `--damping` (the restoring
+term λ P̄⁻¹ δ, fut/subspace.py), the quadratic readout refitted. Each is read out exactly (θ + δ evaluated) and with
+its quadratic readout fitted on the probe orders, and scored against retrained dev orders: the multi_epoch stage's,
 plus `--extra` orders per family drawn from `--seed` + E (not a test seed) and retrained here into `--work`
 (resumable), since the stage's dev set is too small to choose by. The test orders are not read.
 `multi_epoch.damping[E]` is the λ whose worse family (random or domain blocks) has the highest R² under the
-quadratic readout, the default: printed as `chosen`; the pair layout adopted is the one whose best λ scores higher
-by that rule at every E (`best_damping_per_layout`).
+quadratic readout, the default, with the Galerkin curvature: printed as `chosen`; the layout adopted is the one
+whose best λ scores higher by that rule at every E (`best_damping_per_layout`).
 With `--calibrate K ...`, each variant's estimates of the random dev orders are also scored after a calibration
 on K of them (benchmarks/options.py `calibrated_scores`: a line or a shift fitted to K retrained orders, the
 others scored, the median over `--draws` draws): what K calibration retrains in the cache would buy.
@@ -94,11 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         groups["all"] = list(range(len(names)))
         thetas, preconds, naive, _ = ref.trajectory()
         adopted = ref.sources(thetas, preconds, epoch_checkpoints(ref.T, E))
+        eigenspaces = dataclasses.replace(adopted, hessian_grams=None)
         T, K = ref.T, len(adopted.own_directions[0])
         rows = adopted.rows
-        pair_only = dataclasses.replace(adopted, own_directions=[d[:1] for d in adopted.own_directions],
+        pair_only = dataclasses.replace(eigenspaces, own_directions=[d[:1] for d in adopted.own_directions],
                                         rows=lambda cols: torch.cat([rows(cols)[:-T * K], rows(cols)[-T * K::K]]))
-        plain = dataclasses.replace(adopted, own_directions=None, rows=lambda cols: rows(cols)[:-T * K])
+        plain = dataclasses.replace(eigenspaces, own_directions=None, rows=lambda cols: rows(cols)[:-T * K])
         exact = partial(run.eval_losses_at, thetas[ref.steps])
 
         def score(label: str, sub, src) -> dict:
@@ -122,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                             + f" | {cal['affine']['n_scored']} |")
             return out[f"E={E} {label} quadratic"]
 
-        ends_only = ref.sources(thetas, preconds, [0, ref.steps])
-        layouts = {"pair and visits": adopted, "pair and visits, pairs at 0 and E·T only": ends_only}
+        ends_only = ref.sources(thetas, preconds, [0, ref.steps], galerkin=False)
+        layouts = {"galerkin, pair and visits": adopted, "pair and visits": eigenspaces,
+                   "pair and visits, pairs at 0 and E·T only": ends_only}
         built = {}
         for label, src in (*layouts.items(), ("pair at 0", pair_only), ("none", plain)):
             built[label] = build_subspace(src, exact, naive, c.probes, c.seed, probe_sigma=ref.probe_orders())
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 worst[label][lam] = min(float("-inf") if x is None else x for x in r2)  # None: undefined, never chosen
         best = {label: max(w, key=w.get) for label, w in worst.items()}
         per_layout[E] = {label: {"damping": lam, "worse_family_r2": worst[label][lam]} for label, lam in best.items()}
-        chosen[E] = best["pair and visits"]
+        chosen[E] = best["galerkin, pair and visits"]
         for label, lam in best.items():
             print(f"E = {E}, {label}: best damping {lam:g} (worse family's quadratic R² {worst[label][lam]:.3f})")
         print(f"chosen: E = {E}, damping {chosen[E]:g}")

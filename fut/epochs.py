@@ -3,15 +3,17 @@
 The E-epoch reference trains the window's batches in their order E times from the window start (the one-epoch
 reference's, through `run_window`). Its fut-subspace basis has the units of the one-epoch one, each batch visited E
 times: the pairs g(θ_c, B_j) for every batch at every epoch boundary c = 0, T, ..., E·T, each step's own gradient
-g(θ_t, B_{t mod T}) and the gradient right after it g(θ_{t+1}, B_{t mod T}) (a batch's gradient path has up to
-3E + 1 knots), the batch-level cache's domain eigenspaces at checkpoint 0 (θ_0 is the same), and each batch's
-Hessian at θ_0 along its own preconditioned gradients (fut/subspace.py `own_directions`). Adam's preconditioner is
-frozen at the E-epoch run's mid-point. The replay is damped with λ = multi_epoch.damping[E] (fut/subspace.py):
-without it, the replay's deviation keeps growing after the first epoch while training's stays bounded (training
-forgets an order's early differences; benchmarks/epoch_deviation.py), and λ was chosen on dev orders
-(benchmarks/epoch_curvature.py). The trajectory and the gradients are made in memory (E·T steps take seconds);
-the stored file, <dir>/epochs_<E>.safetensors, holds the replay's matrices with its provenance (the pair
-checkpoints included) and the reference's final eval loss, and is rebuilt when either differs.
+g(θ_t, B_{t mod T}) and the gradient right after it g(θ_{t+1}, B_{t mod T}) (a batch's gradient path has up to 3E + 1
+knots), the batch-level cache's domain eigenspaces at checkpoint 0 (θ_0 is the same), and each batch's Hessian at θ_0
+along its own preconditioned gradients (fut/subspace.py `own_directions`). The replay applies each domain's whole
+curvature-batch Hessian at θ_0 to the deviation, projected on the basis (Galerkin: B P̄ H P̄ Bᵀ, one Hessian-vector
+product per basis row and domain), not only its top eigenspace: chosen on dev orders (benchmarks/epoch_curvature.py).
+Adam's preconditioner is frozen at the E-epoch run's mid-point. The replay is damped with λ = multi_epoch.damping[E]
+(fut/subspace.py): without it, the replay's deviation keeps growing after the first epoch while training's stays
+bounded (training forgets an order's early differences; benchmarks/epoch_deviation.py), and λ was chosen on dev
+orders (benchmarks/epoch_curvature.py). The trajectory and the gradients are made in memory (E·T steps take seconds);
+the stored file, <dir>/epochs_<E>.safetensors, holds the replay's matrices with its provenance (the pair checkpoints
+included) and the reference's final eval loss, and is rebuilt when either differs.
 """
 from __future__ import annotations
 
@@ -22,16 +24,17 @@ from pathlib import Path
 
 import torch
 
-from .cache import BASIS_FLOATS, UpdateCache, batch_group
+from .cache import BASIS_FLOATS, UpdateCache, batch_group, curvature_batches
 from .device import autocast
 from .schedules import as_units, epoch_order_set
 from .storage import ArtefactMismatch, load_tensors, read_metadata, save_tensors
-from .subspace import Subspace, SubspaceSources, build_subspace
+from .subspace import GALERKIN_RTOL, Subspace, SubspaceSources, build_subspace
 from .training import run_window, window_lrs
 
 log = logging.getLogger(__name__)
 
 OWN_DIRECTIONS = "pair at 0, own and after-step gradient at each visit"
+CURVATURE = f"galerkin: each group's curvature batch Hessian at θ_0 on the whole basis, rtol {GALERKIN_RTOL:g}"
 
 
 def epoch_path(out_dir: Path, epochs: int) -> Path:
@@ -61,7 +64,7 @@ class EpochReference:
         self.damping = self.params.multi_epoch.damping.get(str(epochs), 0.0)
         # the sources' layout and the damping are part of the file's provenance: a file of others is rebuilt
         self.meta = {**store.provenance, "kind": "epochs", "epochs": epochs, "own_directions": OWN_DIRECTIONS,
-                     "pair_checkpoints": epoch_checkpoints(self.T, epochs), "damping": self.damping}
+                     "curvature": CURVATURE, "pair_checkpoints": epoch_checkpoints(self.T, epochs), "damping": self.damping}
 
     def load(self) -> tuple[Subspace, float]:
         """The stored subspace and the E-epoch reference's final eval loss (for estimates: nothing is built)."""
@@ -103,7 +106,7 @@ class EpochReference:
         return thetas, preconds, final_loss, time.perf_counter() - t0
 
     def sources(self, thetas: list[torch.Tensor], preconds: list[torch.Tensor],
-                pair_checkpoints: list[int]) -> SubspaceSources:
+                pair_checkpoints: list[int], galerkin: bool = True) -> SubspaceSources:
         """fut-subspace's sources over the E-epoch run: pairs at `pair_checkpoints`, every step's own and
         after-step gradient, the batch-level cache's eigenspaces at checkpoint 0, and each batch's Hessian at θ_0
         along its own preconditioned gradients, H_j P̄ g for g its pair at 0 and its own and after-step gradients at
@@ -111,8 +114,9 @@ class EpochReference:
         it, and the domain eigenspace misses how its loss falls after a step on it. Chosen on dev orders
         (benchmarks/epoch_curvature.py, undamped, quadratic readout): against the pair direction alone, the E = 2
         random orders' R² went from 0.55 to 0.73 and the domain blocks' from 0.40 to 0.82 (with pairs at every
-        epoch boundary; from 0.57 to 0.71 and 0.30 to 0.78 with pairs at 0 and E·T only). The basis is held in
-        memory.
+        epoch boundary; from 0.57 to 0.71 and 0.30 to 0.78 with pairs at 0 and E·T only). With `galerkin`, each
+        eigenspace's curvature batch Hessian at θ_0 seen from the whole basis (`hessian_grams`, fut/subspace.py),
+        which the replay applies in place of the eigenspace. The basis is held in memory.
         """
         run, p, T, S = self.run, self.params, self.T, self.steps
         prepared = run.prepared
@@ -139,6 +143,10 @@ class EpochReference:
                                            (mid * stack[rows]).to(run.device)).cpu().float()
                               for j, rows in enumerate(directions)])
         basis = torch.cat([stack] + [vecs for _, vecs in eigen] + [curv])
+        hessian_grams = None
+        if galerkin:
+            batches = curvature_batches(prepared, p.cache.curvature_batch, p.cache.curvature)
+            hessian_grams = [self._hessian_gram(thetas[c], batches[g], basis, mid) for c, g in keys]
         drift = max(float((q / mid - 1).abs().median()) for q in preconds)
         return SubspaceSources(
             pair_checkpoints=list(pair_checkpoints), eigen_keys=keys, eigen_values=[v for v, _ in eigen],
@@ -147,7 +155,20 @@ class EpochReference:
             precond_drift=drift, eval_grad=eval_grad, lrs=window_lrs(p, self.E),
             adam_steps=[run.start.adam_step + t + 1 for t in range(S)], hp=run.hp,
             visits=[(t % T, t) for t in range(S)], reference=[[t % T] for t in range(S)],
-            own_directions=directions)
+            own_directions=directions, hessian_grams=hessian_grams)
+
+    def _hessian_gram(self, theta: torch.Tensor, batch: torch.Tensor, basis: torch.Tensor, precond: torch.Tensor,
+                      rows: int = 32) -> torch.Tensor:
+        """B P̄ H P̄ Bᵀ [N, N] (float64) for H the Hessian of `batch` at `theta`: one Hessian-vector product per
+        basis row, `rows` at a time."""
+        run = self.run
+        theta, batch = theta.to(run.device), batch.to(run.device)
+        cols = []
+        for i in range(0, len(basis), rows):
+            with autocast(self.params.train, run.device):
+                hv = run.loss.hvp(theta, batch, (precond * basis[i: i + rows]).to(run.device)).cpu().float()
+            cols.append((basis @ (precond * hv).t()).double())
+        return torch.cat(cols, 1)
 
     def probe_orders(self) -> torch.Tensor:
         c = self.params.cache
@@ -166,7 +187,8 @@ class EpochReference:
         record = {"eval_loss": final_loss, "train_seconds": train_seconds, "grad_seconds": grad_seconds,
                   "subspace_seconds": time.perf_counter() - t1 - grad_seconds,
                   "gradients": self.T * len(src.pair_checkpoints) + 2 * self.steps + 1,
-                  "hvps": sum(map(len, src.own_directions))}
+                  "hvps": sum(map(len, src.own_directions))
+                  + (0 if src.hessian_grams is None else sum(len(m) for m in src.hessian_grams))}
         return sub, record
 
     def bytes(self) -> int:

@@ -8,9 +8,10 @@ difference and δ_t = γ_t − θ_t the parameter deviation:
 
 where f_{t,j} = ĝ(θ_t, B_j) − g(θ_t, B_t) is the gradient the order feeds in instead of the reference's, P̄ the
 reference's Adam preconditioner 1/(√v̂ + ε) at mid-window (b_t carries each step's bias corrections), a_t = 1 − η_t λ
-and H_j ≈ U Λ Uᵀ the cached top eigenspace of the Hessian of a batch of B_j's domain. λ ≥ 0 (`damping`, 0 unless
-chosen on dev orders: the multi-epoch replays) is a restoring curvature λ P̄⁻¹, uniform in Adam's geometry, for the
-rest of the spectrum, which the eigenspaces miss and which makes training forget an order's early differences
+and H_j ≈ U Λ Uᵀ the cached top eigenspace of the Hessian of a batch of B_j's domain, or (`hessian_ops`, the
+multi-epoch replays) that batch's whole Hessian applied to δ and projected on the basis below. λ ≥ 0 (`damping`, 0
+unless chosen on dev orders: the multi-epoch replays) is a restoring curvature λ P̄⁻¹, uniform in Adam's geometry,
+for the rest of the spectrum, which the eigenspaces miss and which makes training forget an order's early differences
 over several epochs; in coefficients it adds λ s. Every vector the recursion
 creates lies in the span of the basis B = [pair gradients g(θ_c, B_j) at a few checkpoints c, the reference's own
 gradients g(θ_t, B_t), the gradients after each batch's own step g(θ_{j+1}, B_j), the eigenvectors U]: μ = Bᵀq and
@@ -37,6 +38,9 @@ from typing import Callable, Sequence
 import torch
 
 from .adam import AdamHyper
+
+# The Galerkin operators' pseudo-inverse cut-off, relative to the Gram matrix's largest eigenvalue.
+GALERKIN_RTOL = 1e-10
 
 
 @dataclass
@@ -69,6 +73,10 @@ class SubspaceSources:
     # g_{u,k} of unit u (the same number K for every unit); rows after the eigenspaces hold h_{u,k} = H_u P̄ g_{u,k},
     # unit by unit ([U·K, d] through `rows`).
     own_directions: list[list[int]] | None = None
+    # Each eigenspace's whole curvature-batch Hessian seen from the basis, when the replay applies it in place of
+    # the top eigenspace (several epochs): `hessian_grams[i]` = B P̄ H_i P̄ Bᵀ [N, N] for the curvature batch
+    # and checkpoint of eigen_keys[i], with H_i's own rows (through `rows`) included.
+    hessian_grams: list[torch.Tensor] | None = None
 
     def unit_visits(self) -> list[tuple[int, int]]:
         return self.visits if self.visits is not None else [(t, t) for t in range(len(self.lrs))]
@@ -121,6 +129,10 @@ class Subspace:
     own_curv: torch.Tensor | None = None
     own_rows: torch.Tensor | None = None
     damping: float = 0.0                 # λ: the restoring term λ P̄⁻¹ δ (module docstring)
+    # Galerkin curvature (SubspaceSources.hessian_grams): [n_blocks, N, N] the coefficients K_i = G⁺ B P̄ H_i P̄ Bᵀ
+    # of H_i δ's projection on the basis (G = B P̄ Bᵀ) for δ = P̄ Bᵀ s, applied as K_i s in place of the block's top
+    # eigenspace; None: the eigenspaces.
+    hessian_ops: torch.Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -137,6 +149,8 @@ class Subspace:
         out.update({f"eig_values.{i}": v for i, v in enumerate(self.eig_values)})
         if self.own_curv is not None:
             out.update({"own_curv": self.own_curv, "own_rows": self.own_rows})
+        if self.hessian_ops is not None:
+            out["hessian_ops"] = self.hessian_ops
         return out
 
     @classmethod
@@ -147,7 +161,7 @@ class Subspace:
                    batch_group=t["batch_group"].tolist(), group_names=meta["group_names"], step_block=t["step_block"],
                    lin=t["lin"], a=t["a"], b=t["b"], beta1=meta["beta1"], readout_coef=t["readout_coef"],
                    precond_drift=meta["precond_drift"], knot_disagreement=meta["knot_disagreement"],
-                   own_curv=t.get("own_curv"), own_rows=t.get("own_rows"),
+                   own_curv=t.get("own_curv"), own_rows=t.get("own_rows"), hessian_ops=t.get("hessian_ops"),
                    damping=meta.get("damping", 0.0))          # files written before λ existed replay without it
 
     def metadata(self) -> dict:
@@ -175,6 +189,7 @@ class Subspace:
         gram, forcing = self.gram.to(dt), self.forcing.to(dt)
         blocks = [(cols, vals.to(dt) * (torch.arange(len(vals)) < (rank or len(vals))), gram[cols].t().contiguous())
                   for cols, vals in (self._curvature_rows(b) for b in range(len(self.eig_values)))]
+        ops = None if self.hessian_ops is None else self.hessian_ops.to(dt).transpose(1, 2).contiguous()
         groups = torch.tensor(self.batch_group)[units]                 # [n, S, m]
         share = torch.stack([(groups == g).sum(2) for g in range(len(self.group_names))], 2).to(dt) / m
         if self.own_curv is not None:
@@ -185,7 +200,11 @@ class Subspace:
             inc = forcing[t][units[:, t]].mean(1)                        # [n, N]: the mean of the units' terms
             for g in share[:, t].nonzero()[:, 1].unique().tolist():
                 rows = share[:, t, g].nonzero().flatten()
-                cols, vals, G = blocks[int(self.step_block[t, g])]
+                block = int(self.step_block[t, g])
+                if ops is not None:                                  # K s, weighted by the group's share
+                    inc[rows] += (S[rows] @ ops[block]) * share[rows, t, g, None]
+                    continue
+                cols, vals, G = blocks[block]
                 # U δ = (B P̄ Bᵀ)[U rows] s, weighted by the group's share of the step's units
                 inc[rows, cols.start: cols.stop] += (S[rows] @ G) * vals * share[rows, t, g, None]
             if self.own_curv is not None:                            # Σ_k c_{u,k} (g_{u,k}ᵀ δ), mean over units
@@ -304,9 +323,11 @@ def build_subspace(src: SubspaceSources, probe_readout: Callable[[torch.Tensor],
                    step_block=torch.tensor([[block_at(t, g) for g in group_names] for t in range(S_)]),
                    lin=lin, a=a, b=b, beta1=hp.beta1, readout_coef=torch.zeros(len(group_names) + 1, dtype=torch.float64),
                    precond_drift=src.precond_drift, damping=damping)
+    if src.hessian_grams is not None:
+        sub.hessian_ops = galerkin_operators(gram, src.hessian_grams)
     if src.own_directions:
         sub.own_rows, sub.own_curv = _own_curvature(gram, src.own_directions, layout, src.groups, block_at,
-                                                     [v.double() for v in src.eigen_values])
+                                                     [v.double() for v in src.eigen_values], sub.hessian_ops)
     given = probe_sigma is not None
     if not given:
         probe_sigma = torch.tensor(probe_orders(S_, src.groups, probes, seed))
@@ -334,11 +355,24 @@ def fit_readout(sub: Subspace, src: SubspaceSources, probe_readout: Callable[[to
     return torch.linalg.lstsq(f[:, 1:], (exact - base_loss - f[:, 0])[:, None]).solution.flatten()
 
 
+def galerkin_operators(gram: torch.Tensor, hessian_grams: Sequence[torch.Tensor]) -> torch.Tensor:
+    """K_i = G⁺ M_i [n, N, N] for M_i = B P̄ H_i P̄ Bᵀ: Bᵀ K_i s is the projection of H_i δ (δ = P̄ Bᵀ s) on the basis
+    in Adam's metric, H_i applied to the whole deviation and only its image truncated. G⁺ drops the directions
+    whose eigenvalue is under GALERKIN_RTOL of the largest (the basis's gradients are nearly collinear); chosen on
+    dev orders (benchmarks/epoch_curvature.py)."""
+    w, V = torch.linalg.eigh(gram)
+    keep = w > GALERKIN_RTOL * w.max()
+    pinv = (V[:, keep] / w[keep]) @ V[:, keep].t()
+    return torch.stack([pinv @ (0.5 * (m + m.t())).double() for m in hessian_grams])
+
+
 def _own_curvature(gram: torch.Tensor, directions: list[list[int]], layout: dict, groups: Sequence[str],
-                   block_at: Callable[[int, str], int], eig_values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                   block_at: Callable[[int, str], int], eig_values: list[torch.Tensor],
+                   hessian_ops: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of each unit's directions g_{u,k} [U, K] and the coefficients c_u [U, K, N] of
-    (h_{u,l} − UΛUᵀ P̄ g_{u,l}) (G_u P̄ G_uᵀ)⁺_{lk}: with them H_u δ ≈ UΛUᵀδ + Σ_k c_{u,k} g_{u,k}ᵀδ is exact for δ
-    in the span of the P̄ g_{u,k} (where steps on u move the parameters)."""
+    (h_{u,l} − C P̄ g_{u,l}) (G_u P̄ G_uᵀ)⁺_{lk}, C the group's curvature the replay applies anyway (UΛUᵀ, or the
+    Galerkin operator K): with them H_u δ ≈ C δ + Σ_k c_{u,k} g_{u,k}ᵀδ is exact for δ in the span of the P̄ g_{u,k}
+    (where steps on u move the parameters)."""
     rows = torch.tensor(directions)
     U, K = rows.shape
     coef = torch.zeros(U, K, gram.shape[0], dtype=torch.float64)
@@ -347,7 +381,10 @@ def _own_curvature(gram: torch.Tensor, directions: list[list[int]], layout: dict
         lo, vals = layout["eig"][block], eig_values[block]
         for k, r in enumerate(directions[u]):
             coef[u, k, layout["curv"] + u * K + k] = 1.0
-            coef[u, k, lo: lo + len(vals)] -= vals * gram[lo: lo + len(vals), r]     # U P̄ g from the Gram matrix
+            if hessian_ops is not None:
+                coef[u, k] -= hessian_ops[block][:, r]
+            else:
+                coef[u, k, lo: lo + len(vals)] -= vals * gram[lo: lo + len(vals), r]     # U P̄ g from the Gram matrix
         # (G P̄ Gᵀ)⁺: a unit's directions may repeat (a batch's own gradient at step 0 is its pair at 0)
         mix = torch.linalg.pinv(gram[rows[u]][:, rows[u]], hermitian=True)
         coef[u] = mix @ coef[u]

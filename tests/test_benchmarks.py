@@ -209,7 +209,7 @@ def test_scaling_points_span_the_tokens_and_model_sizes_the_benchmark_claims(tmp
     assert 0.5e6 < n_params[0] < 2e6 and 15e6 < n_params[-1] < 25e6   # about 1M to 20M parameters
 
 
-def test_epoch_curvature_scores_four_replays_and_the_dampings_on_dev_orders_only(artefacts, tiny_truth, tmp_path):
+def test_epoch_curvature_scores_five_replays_and_the_dampings_on_dev_orders_only(artefacts, tiny_truth, tmp_path):
     from fut.multi_epoch import multi_epoch
     params, data_dir, ref_dir, cache_dir, _ = tiny_truth
     multi_epoch(params, data_dir, ref_dir, cache_dir, tmp_path / "me")
@@ -223,18 +223,21 @@ def test_epoch_curvature_scores_four_replays_and_the_dampings_on_dev_orders_only
     n_random = sum(v for k, v in params.multi_epoch.dev.items() if k.startswith("random")) + 2     # + the extra
     calibrated = r["results"][f"E={E} pair at 0 exact"]["random_calibrated"]["2"]
     assert calibrated["affine"]["n_scored"] == n_random - 2 and "| R² line |" in printed
-    ends = "pair and visits, pairs at 0 and E·T only"
-    labels = ("pair and visits", "pair at 0", "none", "pair and visits, damping 0", "pair and visits, damping 5",
-              ends, f"{ends}, damping 0", f"{ends}, damping 5")
-    keys = {f"E={E} {c} {k}" for c in labels for k in ("quadratic", "exact")}
+    adopted, eigen, ends = "galerkin, pair and visits", "pair and visits", "pair and visits, pairs at 0 and E·T only"
+    labels = (adopted, eigen, "pair at 0", "none", ends)
+    layouts = (adopted, eigen, ends)
+    damped = tuple(f"{c}, damping {lam}" for c in layouts for lam in (0, 5))
+    keys = {f"E={E} {c} {k}" for c in labels + damped for k in ("quadratic", "exact")}
     assert r["split"] == "dev" and set(r["results"]) == keys and "| R² random |" in printed
     n_dev = sum(params.multi_epoch.dev.values())
     assert all(x["all"]["n"] == n_dev + 3 for x in r["results"].values())
-    assert len({json.dumps(r["results"][f"E={E} {c} exact"]) for c in (*labels[:3], ends)}) == 4
-    assert set(r["best_damping_per_layout"][str(E)]) == {"pair and visits", ends}
-    # λ = 0 is the adopted replay itself; another λ changes the estimates; the chosen one is one of those tried
-    assert r["results"][f"E={E} {labels[3]} exact"] == r["results"][f"E={E} {labels[0]} exact"]
-    assert r["results"][f"E={E} {labels[4]} exact"] != r["results"][f"E={E} {labels[0]} exact"]
+    assert len({json.dumps(r["results"][f"E={E} {c} exact"]) for c in labels}) == 5
+    assert set(r["best_damping_per_layout"][str(E)]) == set(layouts)
+    # λ = 0 is each layout itself; another λ changes the estimates; the chosen one is the adopted layout's best
+    for c in layouts:
+        assert r["results"][f"E={E} {c}, damping 0 exact"] == r["results"][f"E={E} {c} exact"]
+        assert r["results"][f"E={E} {c}, damping 5 exact"] != r["results"][f"E={E} {c} exact"]
+    assert r["chosen_damping"][str(E)] == r["best_damping_per_layout"][str(E)][adopted]["damping"]
     assert r["chosen_damping"][str(E)] in (0, 5) and "chosen: E = " in printed
     for bad, needle in ((["--seed", str(params.multi_epoch.seed)], "--seed must differ"),
                         (["--damping", "-1"], "--damping must be >= 0"),

@@ -68,6 +68,27 @@ def test_epoch_reference_is_the_retrain_of_its_order_and_its_estimate_is_exact(c
     assert torch.count_nonzero(S) == 0
     loaded, naive = EpochReference(ctx.cache, 2, tmp_path).load()
     assert naive == record["eval_loss"] and torch.equal(loaded.forcing, sub.forcing)
+    assert torch.equal(loaded.hessian_ops, sub.hessian_ops)
+
+
+def test_epoch_replay_applies_each_groups_curvature_batch_hessian_on_the_whole_basis(ctx, tmp_path):
+    """The Galerkin matrices B P̄ H P̄ Bᵀ: one per eigenspace, H its group's curvature batch's Hessian at θ_0, each
+    column the basis against the Hessian-vector product of one preconditioned basis row."""
+    from fut.cache import curvature_batches
+    from fut.epochs import epoch_checkpoints
+    ref = EpochReference(ctx.cache, 2, tmp_path)
+    thetas, preconds, _, _ = ref.trajectory()
+    src = ref.sources(thetas, preconds, epoch_checkpoints(ctx.T, 2))
+    basis, P = src.rows(slice(0, src.dim)), src.precond
+    assert len(src.hessian_grams) == len(src.eigen_keys) and src.hessian_grams[0].shape == (len(basis),) * 2
+    params = ctx.run.params
+    (c, g), k = src.eigen_keys[-1], len(basis) - 1
+    batch = curvature_batches(ctx.prepared, params.cache.curvature_batch, params.cache.curvature)[g]
+    with autocast(params.train, ctx.run.device):
+        hv = ctx.run.loss.hvp(thetas[c], batch, (P * basis[k])[None])[0]
+    torch.testing.assert_close(src.hessian_grams[-1][:, k], (basis @ (P * hv)).double(), rtol=1e-5,
+                               atol=1e-6 * float(src.hessian_grams[-1][:, k].abs().max()))
+    assert ref.sources(thetas, preconds, epoch_checkpoints(ctx.T, 2), galerkin=False).hessian_grams is None
 
 
 def test_stored_replays_of_another_source_layout_are_refused_and_rebuilt(ctx, tmp_path, monkeypatch):

@@ -173,10 +173,12 @@ def unit_sources(units: int, steps: int, visits, reference, groups, seed: int = 
     return src, raw
 
 
-def unit_recursion(src: SubspaceSources, raw: dict, order: list[list[int]], damping: float = 0.0) -> torch.Tensor:
+def unit_recursion(src: SubspaceSources, raw: dict, order: list[list[int]], damping: float = 0.0,
+                   hessians: dict | None = None) -> torch.Tensor:
     """The full-space recursion over units, written out: a step's gradient is the mean over its units of each
     unit's interpolated gradient plus its group's curvature term, minus the same for the reference's units, plus
-    the damping's restoring term λ P̄⁻¹ δ."""
+    the damping's restoring term λ P̄⁻¹ δ. With `hessians` (group -> [D, D]), the curvature term applies the
+    group's whole Hessian and projects it on the basis in Adam's metric, Π x = Bᵀ (B P̄ Bᵀ)⁺ B P̄ x (Galerkin)."""
     steps = len(src.lrs)
     bc2_mid = 1 - HP.beta2 ** src.adam_steps[steps // 2]
     visits = {u: [(row, s) for row, (uu, s) in enumerate(src.visits) if uu == u] for u in range(len(src.groups))}
@@ -192,14 +194,22 @@ def unit_recursion(src: SubspaceSources, raw: dict, order: list[list[int]], damp
             line += w * raw["thetas"][at].double()
         return out + vecs.t() @ (vals * (vecs @ (raw["thetas"][t].double() - line)))
 
-    def curvature(u: int, x: torch.Tensor) -> torch.Tensor:
+    B = raw["basis"].double()
+    project = lambda x: B.t() @ (torch.linalg.pinv(B @ (P[:, None] * B.t()), hermitian=True) @ (B @ (P * x)))
+
+    def group_curvature(u: int, x: torch.Tensor) -> torch.Tensor:
+        if hessians is not None:
+            return project(hessians[src.groups[u]].double() @ x)
         vals, vecs = (y.double() for y in raw["eigen"][(0, src.groups[u])])
-        out = vecs.t() @ (vals * (vecs @ x))
+        return vecs.t() @ (vals * (vecs @ x))
+
+    def curvature(u: int, x: torch.Tensor) -> torch.Tensor:
+        out = group_curvature(u, x)
         if src.own_directions:         # exact along each P̄ g_{u,k}: H_u P̄ g_{u,k} = h_{u,k}
             K = len(src.own_directions[u])
             g = raw["basis"][src.own_directions[u]].double()                      # [K, D]
             h = raw["curv"][u * K: (u + 1) * K].double()
-            residual = h - (vecs.t() @ (vals[:, None] * (vecs @ (P * g).t()))).t()
+            residual = h - torch.stack([group_curvature(u, P * gk) for gk in g])
             out += residual.t() @ (torch.linalg.pinv(g @ (P * g).t(), hermitian=True) @ (g @ x))
         return out
 
@@ -356,3 +366,39 @@ def test_damped_replay_is_the_recursion_with_its_restoring_term_and_keeps_the_re
     assert torch.count_nonzero(damped.replay(torch.tensor([[0, 1, 2, 0, 1, 2]]))) == 0
     back = type(damped).from_tensors(damped.tensors(), damped.metadata())
     assert back.damping == lam and torch.equal(back.replay(torch.tensor(orders)), damped.replay(torch.tensor(orders)))
+
+
+def test_galerkin_curvature_replays_as_the_projected_recursion_and_reduces_to_the_eigenspaces():
+    """Batches visited twice with own-direction curvature and each group's whole Hessian H_g given through
+    B P̄ H_g P̄ Bᵀ (fut/epochs.py's `hessian_grams`): the replay is the full-space recursion that applies H_g to δ and
+    projects it on the basis in Adam's metric; where H_g is its top eigenspace alone (in the basis), that is the
+    eigenspace replay; the identity order still gives δ = 0, and the operators are stored with the matrices."""
+    steps, epochs = 3, 2
+    S_ = steps * epochs
+    src, raw = unit_sources(steps, S_, [(t % steps, t) for t in range(S_)], [[t % steps] for t in range(S_)],
+                            ["a", "b", "a"], own_curvature=True)
+    B, P = raw["basis"].double(), src.precond.double()
+    gen = torch.Generator().manual_seed(5)
+    low_rank = {g: (lambda v, u: u.t() @ (v[:, None] * u))(*(x.double() for x in raw["eigen"][(0, g)])) for g in "ab"}
+    noise = {g: (lambda w: 5 * (w + w.t()))(torch.randn(D, D, generator=gen, dtype=torch.float64)) for g in "ab"}
+    none, orders = torch.zeros(0, S_, dtype=torch.long), [[2, 1, 0, 2, 1, 0], [1, 0, 2, 0, 2, 1]]
+
+    def replay(hessians: dict | None) -> tuple:
+        grams = None if hessians is None else [(P * B) @ hessians[g] @ (P * B).t() for _, g in src.eigen_keys]
+        sub = build_subspace(SubspaceSources(**{**src.__dict__, "hessian_grams": grams}), None, 0.0, 0, 0,
+                             probe_sigma=none)
+        return sub, delta(sub.replay(torch.tensor(orders)), src.rows, src.precond, D, src.chunk).double()
+
+    eigen = replay(None)[1]
+    sub, same = replay(low_rank)
+    torch.testing.assert_close(same, eigen, rtol=1e-4, atol=1e-5 * float(eigen.abs().max()))
+    full = {g: low_rank[g] + noise[g] for g in "ab"}
+    sub, got = replay(full)
+    for i, order in enumerate(orders):
+        want = unit_recursion(src, raw, [[j] for j in order], hessians=full)
+        torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert float((got - eigen).abs().max()) > 1e-3 * float(eigen.abs().max())     # the rest of H_g changes δ
+    assert torch.count_nonzero(sub.replay(torch.tensor([[0, 1, 2, 0, 1, 2]]))) == 0
+    back = type(sub).from_tensors(sub.tensors(), sub.metadata())
+    assert torch.equal(back.hessian_ops, sub.hessian_ops)
+    assert torch.equal(back.replay(torch.tensor(orders)), sub.replay(torch.tensor(orders)))
