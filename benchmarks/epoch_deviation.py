@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = EpochReference(ctx.cache, E, args.multi_epoch / "cache")
         sub, _ = ref.load()
         thetas, preconds, _, _ = ref.trajectory()
-        src = ref.sources(thetas, preconds, epoch_checkpoints(ref.T, E))
+        # the basis rows only (δ = P̄ Bᵀ s): the replay's matrices, Galerkin ones included, are the stage's
+        src = ref.sources(thetas, preconds, epoch_checkpoints(ref.T, E), galerkin=False)
         norm = lambda x: float((x * x / src.precond).sum().sqrt())
         marks = list(range(ref.T // 2, ref.steps + 1, ref.T // 2))
         dev = protocol.dev_truth(args.multi_epoch / "groundtruth" / f"epochs_{E}")
