@@ -7,7 +7,8 @@ g(θ_t, B_{t mod T}) and the gradient right after it g(θ_{t+1}, B_{t mod T}) (a
 knots), the batch-level cache's domain eigenspaces at checkpoint 0 (θ_0 is the same), and each batch's Hessian at θ_0
 along its own preconditioned gradients (fut/subspace.py `own_directions`). The replay applies each domain's whole
 curvature-batch Hessian at θ_0 to the deviation, projected on the basis (Galerkin: B P̄ H P̄ Bᵀ, one Hessian-vector
-product per basis row and domain), not only its top eigenspace: chosen on dev orders (benchmarks/epoch_curvature.py).
+product per basis row and domain, shared over torchrun ranks by fut/hessian_jobs.py), not only its top eigenspace:
+chosen on dev orders (benchmarks/epoch_curvature.py).
 Adam's preconditioner is frozen at the E-epoch run's mid-point. The replay is damped with λ = multi_epoch.damping[E]
 (fut/subspace.py): without it, the replay's deviation keeps growing after the first epoch while training's stays
 bounded (training forgets an order's early differences; benchmarks/epoch_deviation.py), and λ was chosen on dev
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import hessian_jobs
 from .cache import BASIS_FLOATS, UpdateCache, batch_group, curvature_batches
 from .device import autocast
 from .schedules import as_units, epoch_order_set
@@ -146,7 +148,7 @@ class EpochReference:
         hessian_grams = None
         if galerkin:
             batches = curvature_batches(prepared, p.cache.curvature_batch, p.cache.curvature)
-            hessian_grams = [self._hessian_gram(thetas[c], batches[g], basis, mid) for c, g in keys]
+            hessian_grams = hessian_jobs.hessian_grams(run, thetas[0], [batches[g] for _, g in keys], basis, mid)
         drift = max(float((q / mid - 1).abs().median()) for q in preconds)
         return SubspaceSources(
             pair_checkpoints=list(pair_checkpoints), eigen_keys=keys, eigen_values=[v for v, _ in eigen],
@@ -156,19 +158,6 @@ class EpochReference:
             adam_steps=[run.start.adam_step + t + 1 for t in range(S)], hp=run.hp,
             visits=[(t % T, t) for t in range(S)], reference=[[t % T] for t in range(S)],
             own_directions=directions, hessian_grams=hessian_grams)
-
-    def _hessian_gram(self, theta: torch.Tensor, batch: torch.Tensor, basis: torch.Tensor, precond: torch.Tensor,
-                      rows: int = 32) -> torch.Tensor:
-        """B P̄ H P̄ Bᵀ [N, N] (float64) for H the Hessian of `batch` at `theta`: one Hessian-vector product per
-        basis row, `rows` at a time."""
-        run = self.run
-        theta, batch = theta.to(run.device), batch.to(run.device)
-        cols = []
-        for i in range(0, len(basis), rows):
-            with autocast(self.params.train, run.device):
-                hv = run.loss.hvp(theta, batch, (precond * basis[i: i + rows]).to(run.device)).cpu().float()
-            cols.append((basis @ (precond * hv).t()).double())
-        return torch.cat(cols, 1)
 
     def probe_orders(self) -> torch.Tensor:
         c = self.params.cache

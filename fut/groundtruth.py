@@ -15,6 +15,7 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -103,57 +104,86 @@ def is_complete(path: Path, order: list[int], key: str, expected: dict | None = 
             and all(r.get(k) == v for k, v in (expected or {}).items()))
 
 
+@dataclass(frozen=True)
+class RetrainSet:
+    """Named orders to retrain into `out_dir`, with these readouts (see READOUTS) and curve spacing."""
+    orders: dict[str, list[int]]
+    out_dir: Path
+    readouts: Sequence[str] = ()
+    eval_every: int = 0
+    desc: str = "retrain"
+
+    @property
+    def expected(self) -> dict:
+        return {"readouts": sorted(self.readouts), "eval_every": self.eval_every}
+
+
 def retrain_all(params: Params, orders: dict[str, list[int]], data_dir: Path, ref_dir: Path, out_dir: Path,
                 readouts: Sequence[str] = (), eval_every: int = 0, desc: str = "retrain",
                 progress: bool = True) -> dict[str, dict]:
     """Retrain every named order not already stored in `out_dir` (for this reference run, with these readouts);
-    returns all results by name. As a torchrun rank, this rank's share; otherwise in this process, or in
-    `parallel.workers` torchrun ranks launched for it when more than one order is left (a rank costs an
-    interpreter start). `out_dir` exists afterwards even when there was nothing to retrain (a DVC output)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    returns all results by name (see `retrain_sets`)."""
+    return retrain_sets(params, [RetrainSet(orders, Path(out_dir), tuple(readouts), eval_every, desc)], data_dir,
+                        ref_dir, progress)[0]
+
+
+def retrain_sets(params: Params, sets: Sequence[RetrainSet], data_dir: Path, ref_dir: Path,
+                 progress: bool = True) -> list[dict[str, dict]]:
+    """Retrain every order of every set not already stored in its `out_dir`; returns each set's results by name.
+    As a torchrun rank, this rank's share of all sets' orders; otherwise in this process, or in
+    `parallel.workers` torchrun ranks launched once for all of them when more than one order is left (a rank costs
+    an interpreter start). Each `out_dir` exists afterwards even when there was nothing to retrain (a DVC output)."""
+    for s in sets:
+        s.out_dir.mkdir(parents=True, exist_ok=True)
     run = ReferenceRun(params, data_dir, ref_dir)
-    expected = {"readouts": sorted(readouts), "eval_every": eval_every}
     workers = params.parallel.workers
     with process_group() as ranks:
         if ranks.is_main:
-            remove_temporaries(out_dir)
+            for s in sets:
+                remove_temporaries(s.out_dir)
         ranks.barrier()
-        todo = {n: o for n, o in orders.items() if not is_complete(result_path(out_dir, n), o, run.key, expected)}
+        todo = [{n: o for n, o in s.orders.items()
+                 if not is_complete(result_path(s.out_dir, n), o, run.key, s.expected)} for s in sets]
         ranks.barrier()   # every rank has its list before any rank writes a result
         if ranks.is_main:
-            log.info("%s: %d of %d orders already stored, %d to retrain", desc, len(orders) - len(todo), len(orders),
-                     len(todo))
-            stale = [n for n in todo if result_path(out_dir, n).exists()]
-            if stale:
-                log.warning("stored results of %s are unreadable or from another run; retraining them", ", ".join(stale))
-        if ranks.world == 1 and workers > 1 and len(todo) > 1:
+            for s, left in zip(sets, todo):
+                log.info("%s: %d of %d orders already stored, %d to retrain", s.desc, len(s.orders) - len(left),
+                         len(s.orders), len(left))
+                stale = [n for n in left if result_path(s.out_dir, n).exists()]
+                if stale:
+                    log.warning("stored results of %s are unreadable or from another run; retraining them",
+                                ", ".join(stale))
+        items = [(k, name) for k, left in enumerate(todo) for name in left]
+        if ranks.world == 1 and workers > 1 and len(items) > 1:
             with tempfile.TemporaryDirectory(prefix="fut-retrain-") as tmp:
                 job = Path(tmp) / "job.json"
-                atomic_write_json(job, {"orders": todo, "data_dir": str(data_dir), "ref_dir": str(ref_dir),
-                                        "out_dir": str(out_dir), "readouts": list(readouts), "eval_every": eval_every,
-                                        "desc": desc})
-                launch("fut.groundtruth", [str(job)], min(workers, len(todo)), desc, to_yaml(params))
-        elif todo:
+                atomic_write_json(job, {"data_dir": str(data_dir), "ref_dir": str(ref_dir),
+                                        "sets": [{**asdict(s), "orders": left, "out_dir": str(s.out_dir),
+                                                  "readouts": list(s.readouts)} for s, left in zip(sets, todo)]})
+                launch("fut.groundtruth", [str(job)], min(workers, len(items)), "; ".join(s.desc for s in sets),
+                       to_yaml(params))
+        elif items:
             oracle = Oracle(run)
-            mine = ranks.mine(list(todo), [1.0] * len(todo))
+            mine = ranks.mine(items, [1.0] * len(items))
+            desc = " / ".join(sets[k].desc for k in sorted({k for k, _ in mine}))
             bar_desc = desc if ranks.world == 1 else f"{desc} rank {ranks.rank}/{ranks.world}"
-            for name in tqdm(mine, desc=bar_desc, position=ranks.rank, disable=not progress):
-                atomic_write_json(result_path(out_dir, name),
-                                  {"name": name, **oracle.retrain(todo[name], readouts, eval_every)})
+            for k, name in tqdm(mine, desc=bar_desc, position=ranks.rank, disable=not progress):
+                s = sets[k]
+                atomic_write_json(result_path(s.out_dir, name),
+                                  {"name": name, **oracle.retrain(todo[k][name], s.readouts, s.eval_every)})
             ranks.barrier()
-    return {n: read_json(result_path(out_dir, n)) for n in orders}
+    return [{n: read_json(result_path(s.out_dir, n)) for n in s.orders} for s in sets]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """One torchrun rank of `retrain_all`'s launch: `python -m fut.groundtruth JOB --params FILE`."""
+    """One torchrun rank of `retrain_sets`' launch: `python -m fut.groundtruth JOB --params FILE`."""
     ap = argparse.ArgumentParser(prog="python -m fut.groundtruth")
     ap.add_argument("job", type=Path)
     ap.add_argument("--params", type=Path, required=True)
     args = ap.parse_args(argv)
     job = read_json(args.job)
-    retrain_all(load(args.params), job["orders"], Path(job["data_dir"]), Path(job["ref_dir"]), Path(job["out_dir"]),
-                job["readouts"], job["eval_every"], job["desc"])
+    sets = [RetrainSet(**{**s, "out_dir": Path(s["out_dir"])}) for s in job["sets"]]
+    retrain_sets(load(args.params), sets, Path(job["data_dir"]), Path(job["ref_dir"]))
     return 0
 
 

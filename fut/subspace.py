@@ -360,9 +360,7 @@ def galerkin_operators(gram: torch.Tensor, hessian_grams: Sequence[torch.Tensor]
     in Adam's metric, H_i applied to the whole deviation and only its image truncated. G⁺ drops the directions
     whose eigenvalue is under GALERKIN_RTOL of the largest (the basis's gradients are nearly collinear); chosen on
     dev orders (benchmarks/epoch_curvature.py)."""
-    w, V = torch.linalg.eigh(gram)
-    keep = w > GALERKIN_RTOL * w.max()
-    pinv = (V[:, keep] / w[keep]) @ V[:, keep].t()
+    pinv = torch.linalg.pinv(gram, rtol=GALERKIN_RTOL, hermitian=True)
     return torch.stack([pinv @ (0.5 * (m + m.t())).double() for m in hessian_grams])
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from fut import protocol
-from fut.cache import MANIFEST, UpdateCache, build_cache
+from fut.cache import MANIFEST, UpdateCache, build_cache, curvature_batches
 from fut.distributed import assign
 from fut.estimate_jobs import Unit, run_units
 from fut.estimators import EstimationContext
-from fut.groundtruth import retrain_all
+from fut.groundtruth import RetrainSet, retrain_sets
+from fut.hessian_jobs import ROWS, hessian_grams
 from fut.reference import ReferenceRun
 from fut.storage import load_tensors, read_json
 
@@ -26,7 +27,6 @@ def test_assignment_covers_every_unit_once_and_balances_load(costs, world):
     assert assign(costs, world) == shares
 
 @pytest.mark.slow
-
 def test_two_ranks_build_the_cache_one_process_builds(tiny_truth, tmp_path):
     params, data_dir, ref_dir, one_dir, _ = tiny_truth
     two = dataclasses.replace(params, parallel=dataclasses.replace(params.parallel, workers=2))
@@ -43,18 +43,26 @@ def test_two_ranks_build_the_cache_one_process_builds(tiny_truth, tmp_path):
     UpdateCache(ReferenceRun(params, data_dir, ref_dir), tmp_path)   # the one-worker params read it too
 
 @pytest.mark.slow
-
 def test_two_ranks_retrain_what_one_process_retrains(tiny_truth, tmp_path):
+    """Two sets with their own readouts and folders (as the ground-truth stage's dev curves and plain orders) in
+    one launch of two ranks: the results one process stored, each in its set's folder."""
     params, data_dir, ref_dir, _, gt_dir = tiny_truth
     assert params.parallel.workers == 1   # the stored truth was retrained in one process
     stored = protocol.dev_truth(gt_dir)
-    orders = {n: r["order"] for n, r in stored.items() if "trajectory" in r}
+    curves = {n: r["order"] for n, r in stored.items() if "trajectory" in r}
+    plain = {n: r["order"] for n, r in sorted(stored.items()) if "trajectory" not in r}
+    plain = dict(list(plain.items())[:2])
     two = dataclasses.replace(params, parallel=dataclasses.replace(params.parallel, workers=2))
-    results = retrain_all(two, orders, data_dir, ref_dir, tmp_path, ("trajectory",), params.groundtruth.eval_every,
-                          progress=False)
-    for name in orders:
-        assert results[name]["eval_loss"] == stored[name]["eval_loss"]
-        assert results[name]["trajectory"] == stored[name]["trajectory"]
+    sets = [RetrainSet(curves, tmp_path / "curves", ("trajectory",), params.groundtruth.eval_every),
+            RetrainSet(plain, tmp_path / "plain")]
+    got_curves, got_plain = retrain_sets(two, sets, data_dir, ref_dir, progress=False)
+    assert sorted(p.stem for p in (tmp_path / "curves").glob("*.json")) == sorted(curves)
+    for name in curves:
+        assert got_curves[name]["eval_loss"] == stored[name]["eval_loss"]
+        assert got_curves[name]["trajectory"] == stored[name]["trajectory"]
+    assert sorted(p.stem for p in (tmp_path / "plain").glob("*.json")) == sorted(plain)
+    assert all(got_plain[n]["eval_loss"] == stored[n]["eval_loss"] and "trajectory" not in got_plain[n]
+               for n in plain)
 
 
 @pytest.mark.slow
@@ -76,3 +84,20 @@ def test_two_ranks_estimate_what_one_process_estimates(tiny_truth):
     drop = lambda outs: [{k: v for k, v in out.items() if k != "seconds"} for out in outs]
     assert drop(ranks) == drop(here)
     assert list(here[0]["eval_loss"]) == names and here[1]["indicators"] and set(here[3]["along"]) == set(names)
+
+
+@pytest.mark.slow
+def test_two_ranks_compute_the_galerkin_matrices_one_process_computes(tiny_truth):
+    """B P̄ H P̄ Bᵀ per curvature batch (fut/epochs.py's Galerkin matrices): the same bits from two torchrun ranks
+    as from one process, over a basis whose rows span more than one chunk."""
+    params, data_dir, ref_dir, _, _ = tiny_truth
+    run = ReferenceRun(params, data_dir, ref_dir)
+    batches = list(curvature_batches(run.prepared, params.cache.curvature_batch, params.cache.curvature).values())
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(ROWS + 5, run.layout.dim, generator=gen)
+    precond = torch.rand(run.layout.dim, generator=gen) + 0.5
+    here = hessian_grams(run, run.theta(0), batches, basis, precond)
+    two = dataclasses.replace(params, parallel=dataclasses.replace(params.parallel, workers=2))
+    ranks = hessian_grams(ReferenceRun(two, data_dir, ref_dir), run.theta(0), batches, basis, precond)
+    assert len(here) == len(batches) and here[0].shape == (len(basis), len(basis))
+    assert all(torch.equal(a, b) for a, b in zip(here, ranks))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .. import protocol
 from ..config import Params
-from ..groundtruth import Oracle, noise_floor, retrain_all
+from ..groundtruth import Oracle, RetrainSet, noise_floor, retrain_sets
 from ..orders import family
 from ..reference import ReferenceRun
 from ..storage import atomic_write_json, read_json
@@ -22,14 +22,20 @@ def run(params: Params, data_dir: Path, ref_dir: Path, out_dir: Path) -> tuple[d
                                    summary["batch_losses_start"])
     g = params.groundtruth
     curves = trajectory_orders(splits[protocol.DEV], g.trajectories)
-    results, metrics = {}, {}
+    sets, of_split = [], []      # one launch of ranks for every order of both splits
     for split, orders in splits.items():
         folder = protocol.split_dir(out_dir, split) / "orders"
         plain = {n: o for n, o in orders.items() if n not in curves or split != protocol.DEV}
-        results[split] = retrain_all(params, plain, data_dir, ref_dir, folder, (), 0, f"ground truth ({split})")
+        sets.append(RetrainSet(plain, folder, desc=f"ground truth ({split})"))
+        of_split.append(split)
         if split == protocol.DEV:
-            results[split].update(retrain_all(params, {n: orders[n] for n in curves}, data_dir, ref_dir, folder,
-                                              ("trajectory",), g.eval_every, "ground truth (dev, along the window)"))
+            sets.append(RetrainSet({n: orders[n] for n in curves}, folder, ("trajectory",), g.eval_every,
+                                   "ground truth (dev, along the window)"))
+            of_split.append(split)
+    results, metrics = {split: {} for split in splits}, {}
+    for split, got in zip(of_split, retrain_sets(params, sets, data_dir, ref_dir)):
+        results[split].update(got)
+    for split, orders in splits.items():
         results[split] = {n: results[split][n] for n in orders}
         atomic_write_json(protocol.split_dir(out_dir, split) / "results.json", results[split])
         if orders:                 # a sweep point retrains no test orders
