@@ -51,14 +51,39 @@ from fut.storage import atomic_write_json, read_json  # noqa: E402
 from fut.subspace import build_subspace, delta, fit_readout  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def dev_options(ap: argparse.ArgumentParser) -> None:
+    """The options of the dev set (`dev_set`), shared with benchmarks/epoch_curvature_scale.py."""
     pipeline_paths(ap, "--cache", "--multi-epoch")
     ap.add_argument("--epochs", type=int, nargs="+", default=None, help="default: multi_epoch.epochs")
     ap.add_argument("--extra", type=int, nargs=3, default=[10, 6, 6], metavar=("RESHUFFLED", "REPEATED", "DOMAINS"),
                     help="extra dev orders retrained here, per family")
     ap.add_argument("--seed", type=int, default=7000, help="their seed is this plus E (not multi_epoch's seeds)")
     ap.add_argument("--work", type=Path, default=ROOT / "data/epoch_curvature")
+
+
+def dev_set(params: config.Params, run: ReferenceRun, E: int, args: argparse.Namespace, counts: dict[str, int]
+            ) -> tuple[np.ndarray, torch.Tensor, dict[str, list[int]]]:
+    """The E-epoch dev orders: the multi_epoch stage's scored ones and the `counts` extra ones, retrained into
+    `args.work` (resumable). Their true final eval losses, their units, and the rows of each family."""
+    dev = protocol.dev_truth(args.multi_epoch / "groundtruth" / f"epochs_{E}")
+    orders = protocol.scored({n: r["order"] for n, r in dev.items()})
+    truth = {n: dev[n]["eval_loss"] for n in orders}
+    extra = epoch_order_set(run.T, E, run.prepared.window_domains,
+                            read_json(args.reference / "summary.json")["batch_losses_start"], counts,
+                            args.seed + E, prefix="extra-")
+    for n, r in retrain_all(params, extra, args.data, args.reference, args.work / f"epochs_{E}", (), 0,
+                            f"extra {E}-epoch dev orders").items():
+        orders[n], truth[n] = extra[n], r["eval_loss"]
+    names = list(orders)
+    fam = [family(n.removeprefix("extra-")) for n in names]
+    groups = {f: [i for i, x in enumerate(fam) if x == f] for f in ("random", "domain_blocks")}
+    groups["all"] = list(range(len(names)))
+    return np.array([truth[n] for n in names]), as_units([orders[n] for n in names]), groups
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    dev_options(ap)
     ap.add_argument("--damping", type=float, nargs="+", default=[0, 50, 100, 200, 400, 600, 800, 1200],
                     help="the dampings λ >= 0 tried with the adopted sources")
     ap.add_argument("--calibrate", type=int, nargs="*", default=[], metavar="K",
@@ -78,22 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     c, out, lines, sizes, chosen, per_layout, calibrated = params.cache, {}, [], {}, {}, {}, []
     for E in args.epochs or params.multi_epoch.epochs:
         ref = EpochReference(ctx.cache, E, args.multi_epoch / "cache")
-        dev = protocol.dev_truth(args.multi_epoch / "groundtruth" / f"epochs_{E}")
-        orders = protocol.scored({n: r["order"] for n, r in dev.items()})
-        truth = {n: dev[n]["eval_loss"] for n in orders}
         counts = dict(zip(("random_reshuffled", "random_repeated", "domains"), args.extra))
-        extra = epoch_order_set(ref.T, E, run.prepared.window_domains,
-                                read_json(args.reference / "summary.json")["batch_losses_start"], counts,
-                                args.seed + E, prefix="extra-")
-        for n, r in retrain_all(params, extra, args.data, args.reference, args.work / f"epochs_{E}", (), 0,
-                                f"extra {E}-epoch dev orders").items():
-            orders[n], truth[n] = extra[n], r["eval_loss"]
-        names = list(orders)
-        y = np.array([truth[n] for n in names])
-        sigma = as_units([orders[n] for n in names])
-        fam = [family(n.removeprefix("extra-")) for n in names]
-        groups = {f: [i for i, x in enumerate(fam) if x == f] for f in ("random", "domain_blocks")}
-        groups["all"] = list(range(len(names)))
+        y, sigma, groups = dev_set(params, run, E, args, counts)
         thetas, preconds, naive, _ = ref.trajectory()
         adopted = ref.sources(thetas, preconds, epoch_checkpoints(ref.T, E))
         eigenspaces = dataclasses.replace(adopted, hessian_grams=None)

@@ -451,18 +451,25 @@ class MultiEpochConfig:
                                                           "domains": 4, "hard_to_easy": 1,
                                                           "reversed_alternating": 1})
     seed: int = 12
-    test_seed: int = 2015
+    test_seed: int = 2016
     # fut-subspace's damping λ for each E (fut/subspace.py), chosen on dev orders (benchmarks/epoch_curvature.py)
     damping: dict[str, float] = field(default_factory=lambda: {"2": 50.0, "3": 600.0})
+    # the scale of its Galerkin curvature for each E (fut/epochs.py), chosen on dev orders with the damping
+    # (benchmarks/epoch_curvature_scale.py)
+    curvature_scale: dict[str, float] = field(default_factory=lambda: {"2": 0.75, "3": 0.875})
 
     def validate(self, key: str) -> None:
         for i, e in enumerate(self.epochs):
             _check(e >= 2, f"{key}.epochs[{i}]", e, "an int >= 2 (one epoch is the batch-order pipeline)")
             _check(str(e) in self.damping, f"{key}.damping", self.damping,
                    f"a mapping with a damping >= 0 for every E in {key}.epochs (E = {e} has none)")
+            _check(str(e) in self.curvature_scale, f"{key}.curvature_scale", self.curvature_scale,
+                   f"a mapping with a scale > 0 for every E in {key}.epochs (E = {e} has none)")
         _check(len(self.epochs) >= 1, f"{key}.epochs", self.epochs, "a non-empty list")
         for e, value in self.damping.items():
             _check(value >= 0, f"{key}.damping.{e}", value, "a number >= 0")
+        for e, value in self.curvature_scale.items():
+            _check(value > 0, f"{key}.curvature_scale.{e}", value, "a number > 0")
         _check_families(f"{key}.dev", self.dev, EPOCH_FAMILIES)
         _check_families(f"{key}.test", self.test, EPOCH_FAMILIES)
 

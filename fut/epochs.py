@@ -8,7 +8,9 @@ knots), the batch-level cache's domain eigenspaces at checkpoint 0 (θ_0 is the 
 along its own preconditioned gradients (fut/subspace.py `own_directions`). The replay applies each domain's whole
 curvature-batch Hessian at θ_0 to the deviation, projected on the basis (Galerkin: B P̄ H P̄ Bᵀ, one Hessian-vector
 product per basis row and domain, shared over torchrun ranks by fut/hessian_jobs.py), not only its top eigenspace:
-chosen on dev orders (benchmarks/epoch_curvature.py).
+chosen on dev orders (benchmarks/epoch_curvature.py). That Hessian is applied times multi_epoch.curvature_scale[E]
+(`scaled_curvature`), chosen on dev orders with the damping (benchmarks/epoch_curvature_scale.py): it is one
+curvature batch's (8 sequences) at θ_0, standing for every batch of its domain all along the run.
 Adam's preconditioner is frozen at the E-epoch run's mid-point. The replay is damped with λ = multi_epoch.damping[E]
 (fut/subspace.py): without it, the replay's deviation keeps growing after the first epoch while training's stays
 bounded (training forgets an order's early differences; benchmarks/epoch_deviation.py), and λ was chosen on dev
@@ -18,6 +20,7 @@ included) and the reference's final eval loss, and is rebuilt when either differ
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from functools import partial
@@ -49,6 +52,13 @@ def epoch_checkpoints(steps: int, epochs: int) -> list[int]:
     return [steps * e for e in range(epochs + 1)]
 
 
+def scaled_curvature(src: SubspaceSources, scale: float) -> SubspaceSources:
+    """The sources with each Galerkin Hessian (`hessian_grams`) times `scale`: how strongly the replay applies the
+    curvature batch's Hessian at θ_0 (multi_epoch.curvature_scale, chosen on dev orders by
+    benchmarks/epoch_curvature_scale.py)."""
+    return dataclasses.replace(src, hessian_grams=[scale * m for m in src.hessian_grams])
+
+
 def reference_order(steps: int, epochs: int) -> list[int]:
     """The E-epoch reference: the window's batches in their order, E times."""
     return list(range(steps)) * epochs
@@ -64,9 +74,12 @@ class EpochReference:
         self.path = epoch_path(out_dir, epochs)
         # An E that multi_epoch.epochs lacks has no damping and no file: load() says which stage builds it.
         self.damping = self.params.multi_epoch.damping.get(str(epochs), 0.0)
-        # the sources' layout and the damping are part of the file's provenance: a file of others is rebuilt
+        self.curvature_scale = self.params.multi_epoch.curvature_scale.get(str(epochs), 1.0)
+        # the sources' layout, the curvature's scale and the damping are part of the file's provenance: a file of
+        # others is rebuilt
         self.meta = {**store.provenance, "kind": "epochs", "epochs": epochs, "own_directions": OWN_DIRECTIONS,
-                     "curvature": CURVATURE, "pair_checkpoints": epoch_checkpoints(self.T, epochs), "damping": self.damping}
+                     "curvature": CURVATURE, "curvature_scale": self.curvature_scale,
+                     "pair_checkpoints": epoch_checkpoints(self.T, epochs), "damping": self.damping}
 
     def load(self) -> tuple[Subspace, float]:
         """The stored subspace and the E-epoch reference's final eval loss (for estimates: nothing is built)."""
@@ -168,7 +181,7 @@ class EpochReference:
     def _build(self) -> tuple[Subspace, dict]:
         thetas, preconds, final_loss, train_seconds = self.trajectory()
         t1 = time.perf_counter()
-        src = self.sources(thetas, preconds, self.meta["pair_checkpoints"])
+        src = scaled_curvature(self.sources(thetas, preconds, self.meta["pair_checkpoints"]), self.curvature_scale)
         grad_seconds = time.perf_counter() - t1
         c = self.params.cache
         sub = build_subspace(src, partial(self.run.eval_losses_at, thetas[self.steps]), final_loss, c.probes, c.seed,

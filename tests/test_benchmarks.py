@@ -247,6 +247,34 @@ def test_epoch_curvature_scores_five_replays_and_the_dampings_on_dev_orders_only
         assert taken.returncode == 2 and needle in taken.stderr
 
 
+def test_epoch_curvature_scale_scores_every_scale_and_damping_on_dev_orders_only(artefacts, tiny_truth, tmp_path):
+    from fut.multi_epoch import multi_epoch
+    params, data_dir, ref_dir, cache_dir, _ = tiny_truth
+    multi_epoch(params, data_dir, ref_dir, cache_dir, tmp_path / "me")
+    common, a = artefacts
+    out = tmp_path / "scale.json"
+    args = [*common, "--cache", a["cache"], "--multi-epoch", str(tmp_path / "me"), "--extra", "1", "1", "1",
+            "--work", str(tmp_path / "work"), "--out", str(out)]
+    printed = run_script("epoch_curvature_scale.py", *args, "--scales", "0.5", "1", "--damping", "0", "5")
+    r = json.loads(out.read_text())
+    E = params.multi_epoch.epochs[0]
+    keys = {f"E={E} scale {a:g} damping {lam:g}" for a in (0.5, 1) for lam in (0, 5)}
+    assert r["split"] == "dev" and set(r["results"]) == keys and "| R² random |" in printed
+    n_dev = sum(params.multi_epoch.dev.values())
+    assert all(x["all"]["n"] == n_dev + 3 for x in r["results"].values())
+    assert len({json.dumps(x) for x in r["results"].values()}) == 4      # each scale and damping moves the estimates
+    chosen = r["chosen"][str(E)]
+    worse = lambda x: min(x[f]["r2_order_effect"] for f in ("random", "domain_blocks"))
+    assert chosen["worse_family_r2"] == max(worse(x) for x in r["results"].values())
+    assert worse(r["results"][f"E={E} scale {chosen['scale']:g} damping {chosen['damping']:g}"]) == chosen["worse_family_r2"]
+    assert "chosen: E = " in printed
+    for bad, needle in ((["--seed", str(params.multi_epoch.seed)], "--seed must differ"),
+                        (["--scales", "0"], "--scales must be > 0")):
+        taken = subprocess.run([sys.executable, "benchmarks/epoch_curvature_scale.py", *args[:-2], *bad], cwd=ROOT,
+                               capture_output=True, text=True)
+        assert taken.returncode == 2 and needle in taken.stderr
+
+
 def test_epoch_deviation_compares_the_replay_with_training_every_half_epoch(artefacts, tiny_truth, tmp_path):
     from fut.multi_epoch import multi_epoch
     params, data_dir, ref_dir, cache_dir, _ = tiny_truth

@@ -6,7 +6,7 @@ import torch
 
 from fut.cache import DTYPES
 from fut.device import autocast
-from fut.epochs import EpochReference, reference_order
+from fut.epochs import EpochReference, epoch_path, reference_order
 from fut.estimators import EstimationContext
 from fut.groundtruth import Oracle
 from fut.multi_epoch import multi_epoch
@@ -14,6 +14,7 @@ from fut.reference import ReferenceRun
 from fut.sample_orders import sample_orders
 from fut.schedules import as_units, sequence_batches
 from fut.sequence_cache import SequenceCache
+from fut.storage import read_metadata
 
 KEYS = {"spearman", "kendall", "r2_order_effect", "bias_ppl", "absdiff_ppl", "rel_err", "n"}
 
@@ -126,20 +127,27 @@ def test_an_epoch_cache_with_pairs_at_other_checkpoints_is_refused_and_rebuilt(c
     assert record["gradients"] == 3 * T + 2 * 2 * T + 1 and every.dim == ends.dim + T
 
 
-def test_an_epoch_cache_of_another_damping_is_refused_and_rebuilt_with_the_params_damping(ctx, tmp_path):
-    """multi_epoch.damping[E] is part of the E-epoch file's provenance: estimates refuse a file replayed with
-    another λ, and the stage rebuilds it with the λ of the params."""
+@pytest.mark.parametrize("knob", ["damping", "curvature_scale"])
+def test_an_epoch_cache_of_another_damping_or_scale_is_refused_and_rebuilt_with_the_params_one(ctx, tmp_path, knob):
+    """multi_epoch.damping[E] and multi_epoch.curvature_scale[E] are part of the E-epoch file's provenance:
+    estimates refuse a file replayed with another value, and the stage rebuilds it with the params' value."""
     import copy
     import dataclasses
     from fut.storage import ArtefactMismatch
-    sub, _ = EpochReference(ctx.cache, 2, tmp_path).load_or_build()
+    first = EpochReference(ctx.cache, 2, tmp_path)
+    sub, _ = first.load_or_build()
+    value = {"damping": first.damping + 5.0, "curvature_scale": 2 * first.curvature_scale}[knob]
     store = copy.copy(ctx.cache)
     store.params = dataclasses.replace(ctx.cache.params, multi_epoch=dataclasses.replace(
-        ctx.cache.params.multi_epoch, damping={"2": sub.damping + 5.0}))
-    with pytest.raises(ArtefactMismatch, match="damping"):
+        ctx.cache.params.multi_epoch, **{knob: {"2": value}}))
+    with pytest.raises(ArtefactMismatch, match=knob):
         EpochReference(store, 2, tmp_path).load()
     rebuilt, _ = EpochReference(store, 2, tmp_path).load_or_build()
-    assert rebuilt.damping == sub.damping + 5.0 and EpochReference(store, 2, tmp_path).load()[0].damping == 5.0 + sub.damping
+    assert read_metadata(epoch_path(tmp_path, 2))[knob] == value
+    if knob == "damping":
+        assert rebuilt.damping == value and EpochReference(store, 2, tmp_path).load()[0].damping == value
+    else:
+        assert torch.equal(rebuilt.hessian_ops, 2 * sub.hessian_ops)   # G⁺ (2 M) exactly
     order = as_units([list(reversed(range(ctx.T))) * 2])
     assert not torch.equal(rebuilt.replay(order), sub.replay(order))
 

@@ -58,6 +58,8 @@ def test_default_params_load():
     (("multi_epoch", "dev"), {"random": 2}, "multi_epoch.dev.random = 2"),
     (("multi_epoch", "damping"), {3: 50.0}, "multi_epoch.damping = {'3': 50.0}"),        # E = 2 has none
     (("multi_epoch", "damping"), {2: 50.0, 3: -1}, "multi_epoch.damping.3 = -1.0"),
+    (("multi_epoch", "curvature_scale"), {3: 1.0}, "multi_epoch.curvature_scale = {'3': 1.0}"),    # E = 2 has none
+    (("multi_epoch", "curvature_scale"), {2: 0, 3: 1.0}, "multi_epoch.curvature_scale.2 = 0.0"),
     (("memorization", "batches"), 0, "memorization.batches = 0"),
     (("memorization", "positions"), 1, "memorization.positions = 1"),
     (("memorization", "true_positions"), 1, "memorization.true_positions = 1"),

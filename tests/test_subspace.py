@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fut.adam import AdamHyper
+from fut.epochs import scaled_curvature
 from fut.subspace import SubspaceSources, build_subspace, delta, interpolation, probe_orders
 
 T, D, R = 6, 40, 3
@@ -371,7 +372,7 @@ def test_damped_replay_is_the_recursion_with_its_restoring_term_and_keeps_the_re
 def test_galerkin_curvature_replays_as_the_projected_recursion_and_reduces_to_the_eigenspaces():
     """Batches visited twice with own-direction curvature and each group's whole Hessian H_g given through
     B P̄ H_g P̄ Bᵀ (fut/epochs.py's `hessian_grams`): the replay is the full-space recursion that applies H_g to δ and
-    projects it on the basis in Adam's metric; where H_g is its top eigenspace alone (in the basis), that is the
+    projects it on the basis in Adam's metric (α H_g with the curvature scale α); where H_g is its top eigenspace alone (in the basis), that is the
     eigenspace replay; the identity order still gives δ = 0, and the operators are stored with the matrices."""
     steps, epochs = 3, 2
     S_ = steps * epochs
@@ -383,9 +384,10 @@ def test_galerkin_curvature_replays_as_the_projected_recursion_and_reduces_to_th
     noise = {g: (lambda w: 5 * (w + w.t()))(torch.randn(D, D, generator=gen, dtype=torch.float64)) for g in "ab"}
     none, orders = torch.zeros(0, S_, dtype=torch.long), [[2, 1, 0, 2, 1, 0], [1, 0, 2, 0, 2, 1]]
 
-    def replay(hessians: dict | None) -> tuple:
+    def replay(hessians: dict | None, scale: float = 1.0) -> tuple:
         grams = None if hessians is None else [(P * B) @ hessians[g] @ (P * B).t() for _, g in src.eigen_keys]
-        sub = build_subspace(SubspaceSources(**{**src.__dict__, "hessian_grams": grams}), None, 0.0, 0, 0,
+        given = SubspaceSources(**{**src.__dict__, "hessian_grams": grams})
+        sub = build_subspace(given if grams is None else scaled_curvature(given, scale), None, 0.0, 0, 0,
                              probe_sigma=none)
         return sub, delta(sub.replay(torch.tensor(orders)), src.rows, src.precond, D, src.chunk).double()
 
@@ -398,6 +400,11 @@ def test_galerkin_curvature_replays_as_the_projected_recursion_and_reduces_to_th
         want = unit_recursion(src, raw, [[j] for j in order], hessians=full)
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     assert float((got - eigen).abs().max()) > 1e-3 * float(eigen.abs().max())     # the rest of H_g changes δ
+    _, half = replay(full, 0.5)          # multi_epoch.curvature_scale: the recursion with α H_g
+    for i, order in enumerate(orders):
+        want = unit_recursion(src, raw, [[j] for j in order], hessians={g: 0.5 * full[g] for g in "ab"})
+        torch.testing.assert_close(half[i], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert float((half - got).abs().max()) > 1e-3 * float(got.abs().max())
     assert torch.count_nonzero(sub.replay(torch.tensor([[0, 1, 2, 0, 1, 2]]))) == 0
     back = type(sub).from_tensors(sub.tensors(), sub.metadata())
     assert torch.equal(back.hessian_ops, sub.hessian_ops)
