@@ -209,14 +209,21 @@ def test_scaling_points_span_the_tokens_and_model_sizes_the_benchmark_claims(tmp
     assert 0.5e6 < n_params[0] < 2e6 and 15e6 < n_params[-1] < 25e6   # about 1M to 20M parameters
 
 
-def test_epoch_curvature_scores_five_replays_and_the_dampings_on_dev_orders_only(artefacts, tiny_truth, tmp_path):
+def epoch_dev_args(artefacts, tiny_truth, tmp_path, out) -> list[str]:
+    """The multi_epoch stage run on the tiny run, and the options of a benchmark on its dev set (one extra order
+    per family), writing `out` (last, so a bad-input call can drop it)."""
     from fut.multi_epoch import multi_epoch
     params, data_dir, ref_dir, cache_dir, _ = tiny_truth
     multi_epoch(params, data_dir, ref_dir, cache_dir, tmp_path / "me")
     common, a = artefacts
-    out = tmp_path / "epoch_curvature.json"
-    args = [*common, "--cache", a["cache"], "--multi-epoch", str(tmp_path / "me"), "--extra", "1", "1", "1",
+    return [*common, "--cache", a["cache"], "--multi-epoch", str(tmp_path / "me"), "--extra", "1", "1", "1",
             "--work", str(tmp_path / "work"), "--out", str(out)]
+
+
+def test_epoch_curvature_scores_five_replays_and_the_dampings_on_dev_orders_only(artefacts, tiny_truth, tmp_path):
+    params = tiny_truth[0]
+    out = tmp_path / "epoch_curvature.json"
+    args = epoch_dev_args(artefacts, tiny_truth, tmp_path, out)
     printed = run_script("epoch_curvature.py", *args, "--damping", "0", "5", "--calibrate", "2")
     r = json.loads(out.read_text())
     E = params.multi_epoch.epochs[0]
@@ -248,13 +255,9 @@ def test_epoch_curvature_scores_five_replays_and_the_dampings_on_dev_orders_only
 
 
 def test_epoch_curvature_scale_scores_every_scale_and_damping_on_dev_orders_only(artefacts, tiny_truth, tmp_path):
-    from fut.multi_epoch import multi_epoch
-    params, data_dir, ref_dir, cache_dir, _ = tiny_truth
-    multi_epoch(params, data_dir, ref_dir, cache_dir, tmp_path / "me")
-    common, a = artefacts
+    params = tiny_truth[0]
     out = tmp_path / "scale.json"
-    args = [*common, "--cache", a["cache"], "--multi-epoch", str(tmp_path / "me"), "--extra", "1", "1", "1",
-            "--work", str(tmp_path / "work"), "--out", str(out)]
+    args = epoch_dev_args(artefacts, tiny_truth, tmp_path, out)
     printed = run_script("epoch_curvature_scale.py", *args, "--scales", "0.5", "1", "--damping", "0", "5")
     r = json.loads(out.read_text())
     E = params.multi_epoch.epochs[0]
