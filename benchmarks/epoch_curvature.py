@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.options import calibrated_scores, pipeline_paths, scores  # noqa: E402
+from benchmarks.options import calibrated_scores, pipeline_paths, scores, worse_family_r2  # noqa: E402
 from fut import config, protocol  # noqa: E402
 from fut.epochs import EpochReference, epoch_checkpoints  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             for lam in args.damping:         # each layout's matrices, each damping's readout refitted
                 sub = dataclasses.replace(built[label], damping=lam)
                 sub.readout_coef = fit_readout(sub, src, exact, naive, ref.probe_orders())
-                q = score(f"{label}, damping {lam:g}", sub, src)
-                r2 = [q[f]["r2_order_effect"] for f in ("random", "domain_blocks")]
-                worst[label][lam] = min(float("-inf") if x is None else x for x in r2)  # None: undefined, never chosen
+                worst[label][lam] = worse_family_r2(score(f"{label}, damping {lam:g}", sub, src))
         best = {label: max(w, key=w.get) for label, w in worst.items()}
         per_layout[E] = {label: {"damping": lam, "worse_family_r2": worst[label][lam]} for label, lam in best.items()}
         chosen[E] = best["galerkin, pair and visits"]

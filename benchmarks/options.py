@@ -60,3 +60,10 @@ def calibrated_scores(est: np.ndarray, truth: np.ndarray, naive: float, rows: li
             runs[how].append(scores(values, truth, naive, rest))
     return {how: {key: float(np.median([r[key] for r in rs])) for key in ("r2_order_effect", "spearman", "bias_ppl")}
             | {"n_scored": len(rows) - k, "k": k, "draws": draws} for how, rs in runs.items()}
+
+
+def worse_family_r2(got: dict) -> float:
+    """The house rule's score of a variant's per-family `scores`: the lower R² of the random and domain-block
+    families (-inf where one is undefined, so such a variant is never chosen)."""
+    r2 = [got[f]["r2_order_effect"] for f in ("random", "domain_blocks")]
+    return min(float("-inf") if x is None else x for x in r2)

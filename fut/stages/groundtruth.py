@@ -22,18 +22,16 @@ def run(params: Params, data_dir: Path, ref_dir: Path, out_dir: Path) -> tuple[d
                                    summary["batch_losses_start"])
     g = params.groundtruth
     curves = trajectory_orders(splits[protocol.DEV], g.trajectories)
-    sets, of_split = [], []      # one launch of ranks for every order of both splits
+    sets = []      # (split, its set): one launch of ranks for every order of both splits
     for split, orders in splits.items():
         folder = protocol.split_dir(out_dir, split) / "orders"
         plain = {n: o for n, o in orders.items() if n not in curves or split != protocol.DEV}
-        sets.append(RetrainSet(plain, folder, desc=f"ground truth ({split})"))
-        of_split.append(split)
+        sets.append((split, RetrainSet(plain, folder, desc=f"ground truth ({split})")))
         if split == protocol.DEV:
-            sets.append(RetrainSet({n: orders[n] for n in curves}, folder, ("trajectory",), g.eval_every,
-                                   "ground truth (dev, along the window)"))
-            of_split.append(split)
+            sets.append((split, RetrainSet({n: orders[n] for n in curves}, folder, ("trajectory",), g.eval_every,
+                                           "ground truth (dev, along the window)")))
     results, metrics = {split: {} for split in splits}, {}
-    for split, got in zip(of_split, retrain_sets(params, sets, data_dir, ref_dir)):
+    for (split, _), got in zip(sets, retrain_sets(params, [s for _, s in sets], data_dir, ref_dir)):
         results[split].update(got)
     for split, orders in splits.items():
         results[split] = {n: results[split][n] for n in orders}
