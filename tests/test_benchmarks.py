@@ -278,6 +278,32 @@ def test_epoch_curvature_scale_scores_every_scale_and_damping_on_dev_orders_only
         assert taken.returncode == 2 and needle in taken.stderr
 
 
+def test_epoch_curvature_source_scores_the_hessian_at_each_epoch_boundary_and_a_larger_batch(artefacts, tiny_truth,
+                                                                                             tmp_path):
+    params = tiny_truth[0]
+    out = tmp_path / "source.json"
+    args = epoch_dev_args(artefacts, tiny_truth, tmp_path, out)
+    printed = run_script("epoch_curvature_source.py", *args, "--sizes", "5", "--damping", "0", "5")
+    r = json.loads(out.read_text())
+    E, T, k = params.multi_epoch.epochs[0], params.window.steps, params.cache.curvature_batch
+    labels = [f"θ_{t}, {k} sequences" for t in range(0, E * T + 1, T)] + ["θ_0, 5 sequences"]
+    scales = sorted({1.0, params.multi_epoch.curvature_scale[str(E)]})
+    keys = {f"E={E} {label} scale {a:g} damping {lam:g}" for label in labels for a in scales for lam in (0, 5)}
+    assert r["split"] == "dev" and set(r["results"]) == keys and "| trace / θ_0's |" in printed
+    spectra = r["spectra"][str(E)]
+    assert set(spectra) == set(labels) and spectra[labels[0]]["trace_ratio"] == [1.0] * len(spectra[labels[0]]["domains"])
+    assert all(np.isfinite(s["trace_ratio"] + s["top_eigenvalue"]).all() for s in spectra.values())
+    # each curvature moves the estimates: no two sources score alike at the same scale and damping
+    for a in scales:
+        assert len({json.dumps(r["results"][f"E={E} {label} scale {a:g} damping 0"]) for label in labels}) == len(labels)
+    worse = lambda x: min(x[f]["r2_order_effect"] for f in ("random", "domain_blocks"))
+    for name, b in r["best"][str(E)].items():
+        assert b["worse_family_r2"] == max(worse(r["results"][f"E={E} {name} damping {lam:g}"]) for lam in (0, 5))
+    taken = subprocess.run([sys.executable, "benchmarks/epoch_curvature_source.py", *args[:-2], "--sizes", "0"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert taken.returncode == 2 and "--sizes must be >= 1" in taken.stderr
+
+
 def test_epoch_deviation_compares_the_replay_with_training_every_half_epoch(artefacts, tiny_truth, tmp_path):
     from fut.multi_epoch import multi_epoch
     params, data_dir, ref_dir, cache_dir, _ = tiny_truth
