@@ -1,17 +1,19 @@
-"""What the multi-epoch replay's curvature scale α stands for (fut/epochs.py), on dev orders only.
+"""Which Hessian the multi-epoch replay's Galerkin curvature should be (fut/epochs.py), on dev orders only.
 
-The replay applies each domain's curvature-batch Hessian at θ_0 (`cache.curvature_batch` sequences) at every step,
-times α = `multi_epoch.curvature_scale[E]` < 1, chosen on dev orders (benchmarks/epoch_curvature_scale.py). Two
-readings of α: the Hessian moves along the run, away from θ_0's; or a Hessian of few sequences overstates the
+The replay applies each domain's curvature-batch Hessian at θ_0 (`multi_epoch.curvature_batch` sequences) at every
+step, times α = `multi_epoch.curvature_scale[E]` < 1, chosen on dev orders (benchmarks/epoch_curvature_scale.py).
+Two readings of α: the Hessian moves along the run, away from θ_0's; or a Hessian of few sequences overstates the
 curvature the replay needs. For each E this builds the Galerkin matrices B P̄ H P̄ Bᵀ (fut/hessian_jobs.py) of the
 same curvature batches at every epoch boundary θ_eT (e = 0..E), and of curvature batches of each of `--sizes`
-sequences at θ_0; says how large each is against θ_0's (the trace of B P̄ H P̄ Bᵀ, and the largest eigenvalue of the
-operator K = G⁺ B P̄ H P̄ Bᵀ the replay applies, per domain); and scores the replay with each in place of θ_0's, at
-α = 1 and at the adopted α, with each damping of `--damping` (the quadratic readout refitted), on the dev orders of
-benchmarks/epoch_curvature.py. The best damping per source and α is picked by that benchmark's rule (the worse
-family's R²). The test orders are not read.
+sequences at θ_0 (spread over the domain's window batches as `multi_epoch.curvature_batch`'s are); says how large
+each is against θ_0's (the trace of B P̄ H P̄ Bᵀ, and the largest eigenvalue of the operator K = G⁺ B P̄ H P̄ Bᵀ the
+replay applies, per domain); and scores the replay with each in place of θ_0's, at α = 1 and at the adopted α, with
+each damping of `--damping` (the quadratic readout refitted), on the dev orders of benchmarks/epoch_curvature.py.
+The best damping per source and α is picked by that benchmark's rule (the worse family's R²). The test orders are
+not read. benchmarks/results/epoch_curvature_source.json was written at f2348f9, when the replay's curvature batch
+was the batch-level cache's (8 sequences; `--sizes 24`).
 
-    python benchmarks/epoch_curvature_source.py [--params params.yaml] [--epochs 2] [--sizes 24]
+    python benchmarks/epoch_curvature_source.py [--params params.yaml] [--epochs 2] [--sizes 8]
                                                 [--damping 0 50 100 200 400 600]
 
 Needs the `multi_epoch` stage's output. Prints a table and writes benchmarks/results/epoch_curvature_source.json.
@@ -51,8 +53,9 @@ def size_against(grams: list[torch.Tensor], base: list[torch.Tensor], gram: torc
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     dev_options(ap)
-    ap.add_argument("--sizes", type=int, nargs="*", default=[24],
-                    help="curvature batch sizes (sequences per domain) tried at θ_0, besides cache.curvature_batch")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[8],
+                    help="curvature batch sizes (sequences per domain) tried at θ_0, besides "
+                         "multi_epoch.curvature_batch")
     ap.add_argument("--damping", type=float, nargs="+", default=[0, 50, 100, 200, 400, 600],
                     help="the dampings λ >= 0 tried with each source and scale")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/epoch_curvature_source.json")
@@ -81,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             batches = curvature_batches(run.prepared, size, c.curvature)
             return hessian_jobs.hessian_grams(run, theta, [batches[g] for g in keys], basis, src.precond)
 
-        label0 = f"θ_0, {c.curvature_batch} sequences"
-        sources = {label0: src.hessian_grams}
-        sources.update({f"θ_{t}, {c.curvature_batch} sequences": grams_of(thetas[t], c.curvature_batch)
+        k = params.multi_epoch.curvature_batch[str(E)]
+        sources = {f"θ_0, {k} sequences": src.hessian_grams}
+        sources.update({f"θ_{t}, {k} sequences": grams_of(thetas[t], k)
                         for t in epoch_checkpoints(ref.T, E)[1:]})
-        sources.update({f"θ_0, {k} sequences": grams_of(thetas[0], k) for k in args.sizes})
+        sources.update({f"θ_0, {size} sequences": grams_of(thetas[0], size) for size in args.sizes})
         exact = partial(run.eval_losses_at, thetas[ref.steps])
         gram = build_subspace(src, None, naive, c.probes, c.seed, probe_sigma=ref.probe_orders()).gram
         spectra[E] = {label: {"domains": keys, **size_against(grams, src.hessian_grams, gram)}
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, b in rows.items():
             print(f"| {E} | {label} | {b['damping']:g} | {b['worse_family_r2']:.3f} |")
     atomic_write_json(args.out, {"split": "dev", "seed": args.seed, "sizes": args.sizes, "damping": args.damping,
-                                 "spectra": spectra, "results": results, "best": best})
+                                 "curvature_batch": params.multi_epoch.curvature_batch, "spectra": spectra,
+                                 "results": results, "best": best})
     return 0
 
 

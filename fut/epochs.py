@@ -8,9 +8,11 @@ knots), the batch-level cache's domain eigenspaces at checkpoint 0 (θ_0 is the 
 along its own preconditioned gradients (fut/subspace.py `own_directions`). The replay applies each domain's whole
 curvature-batch Hessian at θ_0 to the deviation, projected on the basis (Galerkin: B P̄ H P̄ Bᵀ, one Hessian-vector
 product per basis row and domain, shared over torchrun ranks by fut/hessian_jobs.py), not only its top eigenspace:
-chosen on dev orders (benchmarks/epoch_curvature.py). That Hessian is applied times multi_epoch.curvature_scale[E]
-(`scaled_curvature`), chosen on dev orders with the damping (benchmarks/epoch_curvature_scale.py): it is one
-curvature batch's (8 sequences) at θ_0, standing for every batch of its domain all along the run.
+chosen on dev orders (benchmarks/epoch_curvature.py). Its curvature batch has multi_epoch.curvature_batch[E]
+sequences of the domain's window batches (by default 24 at E = 2, three times the batch-level cache's 8, and 8 at
+E = 3: chosen on dev orders by benchmarks/epoch_curvature_source.py and epoch_curvature_scale.py; the first also
+measured that the Hessian at the later epoch boundaries does worse than θ_0's). That Hessian is applied times multi_epoch.curvature_scale[E] (`scaled_curvature`), chosen on dev orders
+with the damping (benchmarks/epoch_curvature_scale.py): it stands for every batch of its domain all along the run.
 Adam's preconditioner is frozen at the E-epoch run's mid-point. The replay is damped with λ = multi_epoch.damping[E]
 (fut/subspace.py): without it, the replay's deviation keeps growing after the first epoch while training's stays
 bounded (training forgets an order's early differences; benchmarks/epoch_deviation.py), and λ was chosen on dev
@@ -75,10 +77,13 @@ class EpochReference:
         # An E that multi_epoch.epochs lacks has no damping and no file: load() says which stage builds it.
         self.damping = self.params.multi_epoch.damping.get(str(epochs), 0.0)
         self.curvature_scale = self.params.multi_epoch.curvature_scale.get(str(epochs), 1.0)
-        # the sources' layout, the curvature's scale and the damping are part of the file's provenance: a file of
-        # others is rebuilt
+        self.curvature_batch = self.params.multi_epoch.curvature_batch.get(str(epochs),
+                                                                           self.params.cache.curvature_batch)
+        # the sources' layout, the curvature's batch and scale and the damping are part of the file's provenance: a
+        # file of others is rebuilt
         self.meta = {**store.provenance, "kind": "epochs", "epochs": epochs, "own_directions": OWN_DIRECTIONS,
-                     "curvature": CURVATURE, "curvature_scale": self.curvature_scale,
+                     "curvature": CURVATURE, "curvature_batch": self.curvature_batch,
+                     "curvature_scale": self.curvature_scale,
                      "pair_checkpoints": epoch_checkpoints(self.T, epochs), "damping": self.damping}
 
     def load(self) -> tuple[Subspace, float]:
@@ -160,7 +165,7 @@ class EpochReference:
         basis = torch.cat([stack] + [vecs for _, vecs in eigen] + [curv])
         hessian_grams = None
         if galerkin:
-            batches = curvature_batches(prepared, p.cache.curvature_batch, p.cache.curvature)
+            batches = curvature_batches(prepared, self.curvature_batch, p.cache.curvature)
             hessian_grams = hessian_jobs.hessian_grams(run, thetas[0], [batches[g] for _, g in keys], basis, mid)
         drift = max(float((q / mid - 1).abs().median()) for q in preconds)
         return SubspaceSources(

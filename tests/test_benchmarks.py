@@ -285,7 +285,8 @@ def test_epoch_curvature_source_scores_the_hessian_at_each_epoch_boundary_and_a_
     args = epoch_dev_args(artefacts, tiny_truth, tmp_path, out)
     printed = run_script("epoch_curvature_source.py", *args, "--sizes", "5", "--damping", "0", "5")
     r = json.loads(out.read_text())
-    E, T, k = params.multi_epoch.epochs[0], params.window.steps, params.cache.curvature_batch
+    E, T = params.multi_epoch.epochs[0], params.window.steps
+    k = params.multi_epoch.curvature_batch[str(E)]
     labels = [f"θ_{t}, {k} sequences" for t in range(0, E * T + 1, T)] + ["θ_0, 5 sequences"]
     scales = sorted({1.0, params.multi_epoch.curvature_scale[str(E)]})
     keys = {f"E={E} {label} scale {a:g} damping {lam:g}" for label in labels for a in scales for lam in (0, 5)}

@@ -127,16 +127,19 @@ def test_an_epoch_cache_with_pairs_at_other_checkpoints_is_refused_and_rebuilt(c
     assert record["gradients"] == 3 * T + 2 * 2 * T + 1 and every.dim == ends.dim + T
 
 
-@pytest.mark.parametrize("knob", ["damping", "curvature_scale"])
-def test_an_epoch_cache_of_another_damping_or_scale_is_refused_and_rebuilt_with_the_params_one(ctx, tmp_path, knob):
-    """multi_epoch.damping[E] and multi_epoch.curvature_scale[E] are part of the E-epoch file's provenance:
-    estimates refuse a file replayed with another value, and the stage rebuilds it with the params' value."""
+@pytest.mark.parametrize("knob", ["damping", "curvature_scale", "curvature_batch"])
+def test_an_epoch_cache_of_another_damping_or_curvature_is_refused_and_rebuilt_with_the_params_one(ctx, tmp_path,
+                                                                                                  knob):
+    """multi_epoch.damping[E], multi_epoch.curvature_scale[E] and multi_epoch.curvature_batch are part of the
+    E-epoch file's provenance: estimates refuse a file replayed with another value, and the stage rebuilds it with
+    the params' value."""
     import copy
     import dataclasses
     from fut.storage import ArtefactMismatch
     first = EpochReference(ctx.cache, 2, tmp_path)
     sub, _ = first.load_or_build()
-    value = {"damping": first.damping + 5.0, "curvature_scale": 2 * first.curvature_scale}[knob]
+    value = {"damping": first.damping + 5.0, "curvature_scale": 2 * first.curvature_scale,
+             "curvature_batch": first.curvature_batch + 1}[knob]
     store = copy.copy(ctx.cache)
     store.params = dataclasses.replace(ctx.cache.params, multi_epoch=dataclasses.replace(
         ctx.cache.params.multi_epoch, **{knob: {"2": value}}))
@@ -146,8 +149,10 @@ def test_an_epoch_cache_of_another_damping_or_scale_is_refused_and_rebuilt_with_
     assert read_metadata(epoch_path(tmp_path, 2))[knob] == value
     if knob == "damping":
         assert rebuilt.damping == value and EpochReference(store, 2, tmp_path).load()[0].damping == value
-    else:
+    elif knob == "curvature_scale":
         assert torch.equal(rebuilt.hessian_ops, 2 * sub.hessian_ops)   # G⁺ (2 M) exactly
+    else:                                                              # another batch's Hessian, the same basis
+        assert torch.equal(rebuilt.gram, sub.gram) and not torch.equal(rebuilt.hessian_ops, sub.hessian_ops)
     order = as_units([list(reversed(range(ctx.T))) * 2])
     assert not torch.equal(rebuilt.replay(order), sub.replay(order))
 

@@ -60,6 +60,8 @@ def test_default_params_load():
     (("multi_epoch", "damping"), {2: 50.0, 3: -1}, "multi_epoch.damping.3 = -1.0"),
     (("multi_epoch", "curvature_scale"), {3: 1.0}, "multi_epoch.curvature_scale = {'3': 1.0}"),    # E = 2 has none
     (("multi_epoch", "curvature_scale"), {2: 0, 3: 1.0}, "multi_epoch.curvature_scale.2 = 0.0"),
+    (("multi_epoch", "curvature_batch"), {3: 8}, "multi_epoch.curvature_batch = {'3': 8}"),      # E = 2 has none
+    (("multi_epoch", "curvature_batch"), {2: 0, 3: 8}, "multi_epoch.curvature_batch.2 = 0"),
     (("memorization", "batches"), 0, "memorization.batches = 0"),
     (("memorization", "positions"), 1, "memorization.positions = 1"),
     (("memorization", "true_positions"), 1, "memorization.true_positions = 1"),
