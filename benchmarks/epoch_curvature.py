@@ -61,6 +61,14 @@ def dev_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "data/epoch_curvature")
 
 
+def dev_params(ap: argparse.ArgumentParser, args: argparse.Namespace) -> config.Params:
+    """The params file's params, once `--seed` is checked: the extra dev orders must not be the stage's orders."""
+    params = config.load(args.params)
+    if args.seed in (params.multi_epoch.seed, params.multi_epoch.test_seed):
+        ap.error(f"--seed must differ from multi_epoch.seed and multi_epoch.test_seed, got {args.seed}")
+    return params
+
+
 def dev_set(params: config.Params, run: ReferenceRun, E: int, args: argparse.Namespace, counts: dict[str, int]
             ) -> tuple[np.ndarray, torch.Tensor, dict[str, list[int]]]:
     """The E-epoch dev orders: the multi_epoch stage's scored ones and the `counts` extra ones, retrained into
@@ -81,6 +89,18 @@ def dev_set(params: config.Params, run: ReferenceRun, E: int, args: argparse.Nam
     return np.array([truth[n] for n in names]), as_units([orders[n] for n in names]), groups
 
 
+def damping_scores(src, ref: EpochReference, exact, naive: float, dev: tuple, dampings: list[float]):
+    """fut-subspace over `src`'s sources with each damping of `dampings`, the quadratic readout refitted on `ref`'s
+    probe orders, scored per family on the dev set `dev` (`dev_set`'s): yields (λ, scores)."""
+    c, (y, sigma, groups) = ref.params.cache, dev
+    built = build_subspace(src, exact, naive, c.probes, c.seed, probe_sigma=ref.probe_orders())
+    for lam in dampings:
+        sub = dataclasses.replace(built, damping=lam)
+        sub.readout_coef = fit_readout(sub, src, exact, naive, ref.probe_orders())
+        est = sub.quadratic(sub.replay(sigma), naive).numpy()
+        yield lam, {f: scores(est, y, naive, r) for f, r in groups.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     dev_options(ap)
@@ -93,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.calibrate and min(args.calibrate) < 2:
         ap.error(f"--calibrate needs K >= 2 orders to fit a line, got {min(args.calibrate)}")
-    params = config.load(args.params)
-    if args.seed in (params.multi_epoch.seed, params.multi_epoch.test_seed):
-        ap.error(f"--seed must differ from multi_epoch.seed and multi_epoch.test_seed, got {args.seed}")
+    params = dev_params(ap, args)
     if min(args.damping) < 0:
         ap.error(f"--damping must be >= 0, got {min(args.damping)}")
     run = ReferenceRun(params, args.data, args.reference)

@@ -15,7 +15,6 @@ Needs the `multi_epoch` stage's output. Prints a table and writes benchmarks/res
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,14 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.epoch_curvature import dev_options, dev_set  # noqa: E402
-from benchmarks.options import scores, worse_family_r2  # noqa: E402
-from fut import config  # noqa: E402
+from benchmarks.epoch_curvature import damping_scores, dev_options, dev_params, dev_set  # noqa: E402
+from benchmarks.options import worse_family_r2  # noqa: E402
 from fut.epochs import EpochReference, epoch_checkpoints, scaled_curvature  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
 from fut.reference import ReferenceRun  # noqa: E402
 from fut.storage import atomic_write_json  # noqa: E402
-from fut.subspace import build_subspace, fit_readout  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,31 +39,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="the dampings λ >= 0 tried with each scale")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/epoch_curvature_scale.json")
     args = ap.parse_args(argv)
-    params = config.load(args.params)
-    if args.seed in (params.multi_epoch.seed, params.multi_epoch.test_seed):
-        ap.error(f"--seed must differ from multi_epoch.seed and multi_epoch.test_seed, got {args.seed}")
+    params = dev_params(ap, args)
     if min(args.scales) <= 0 or min(args.damping) < 0:
         ap.error(f"--scales must be > 0 and --damping >= 0, got {args.scales} and {args.damping}")
     run = ReferenceRun(params, args.data, args.reference)
     ctx = EstimationContext(run, args.cache)
-    c, out, chosen = params.cache, {}, {}
+    out, chosen = {}, {}
     print("| E | α | λ | R² random | Spearman random | R² domain blocks | R² all |\n|---|---|---|---|---|---|---|")
     for E in args.epochs or params.multi_epoch.epochs:
         ref = EpochReference(ctx.cache, E, args.multi_epoch / "cache")
-        y, sigma, groups = dev_set(params, run, E, args, dict(zip(("random_reshuffled", "random_repeated",
-                                                                      "domains"), args.extra)))
+        dev = dev_set(params, run, E, args, dict(zip(("random_reshuffled", "random_repeated", "domains"), args.extra)))
         thetas, preconds, naive, _ = ref.trajectory()
         src = ref.sources(thetas, preconds, epoch_checkpoints(ref.T, E))
         exact = partial(run.eval_losses_at, thetas[ref.steps])
         worst = {}
         for alpha in args.scales:
-            scaled = scaled_curvature(src, alpha)
-            built = build_subspace(scaled, exact, naive, c.probes, c.seed, probe_sigma=ref.probe_orders())
-            for lam in args.damping:
-                sub = dataclasses.replace(built, damping=lam)
-                sub.readout_coef = fit_readout(sub, scaled, exact, naive, ref.probe_orders())
-                est = sub.quadratic(sub.replay(sigma), naive).numpy()
-                got = {f: scores(est, y, naive, r) for f, r in groups.items()}
+            for lam, got in damping_scores(scaled_curvature(src, alpha), ref, exact, naive, dev, args.damping):
                 out[f"E={E} scale {alpha:g} damping {lam:g}"] = got
                 r2 = {f: got[f]["r2_order_effect"] for f in got}
                 worst[(alpha, lam)] = worse_family_r2(got)

@@ -31,15 +31,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.epoch_curvature import dev_options, dev_set  # noqa: E402
-from benchmarks.options import scores, worse_family_r2  # noqa: E402
-from fut import config, hessian_jobs  # noqa: E402
+from benchmarks.epoch_curvature import damping_scores, dev_options, dev_params, dev_set  # noqa: E402
+from benchmarks.options import worse_family_r2  # noqa: E402
+from fut import hessian_jobs  # noqa: E402
 from fut.cache import curvature_batches  # noqa: E402
 from fut.epochs import EpochReference, epoch_checkpoints  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
 from fut.reference import ReferenceRun  # noqa: E402
 from fut.storage import atomic_write_json  # noqa: E402
-from fut.subspace import build_subspace, fit_readout, galerkin_operators  # noqa: E402
+from fut.subspace import build_subspace, galerkin_operators  # noqa: E402
 
 
 def size_against(grams: list[torch.Tensor], base: list[torch.Tensor], gram: torch.Tensor) -> dict:
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the dampings λ >= 0 tried with each source and scale")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/epoch_curvature_source.json")
     args = ap.parse_args(argv)
-    params = config.load(args.params)
-    if args.seed in (params.multi_epoch.seed, params.multi_epoch.test_seed):
-        ap.error(f"--seed must differ from multi_epoch.seed and multi_epoch.test_seed, got {args.seed}")
+    params = dev_params(ap, args)
     if args.sizes and min(args.sizes) < 1:
         ap.error(f"--sizes must be >= 1 sequences, got {min(args.sizes)}")
     if min(args.damping) < 0:
@@ -74,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
           "|---|---|---|---|---|---|---|---|")
     for E in args.epochs or params.multi_epoch.epochs:
         ref = EpochReference(ctx.cache, E, args.multi_epoch / "cache")
-        y, sigma, groups = dev_set(params, run, E, args, dict(zip(("random_reshuffled", "random_repeated",
-                                                                      "domains"), args.extra)))
+        dev = dev_set(params, run, E, args, dict(zip(("random_reshuffled", "random_repeated", "domains"), args.extra)))
         thetas, preconds, naive, _ = ref.trajectory()
         src = ref.sources(thetas, preconds, epoch_checkpoints(ref.T, E))      # θ_0's Galerkin matrices
         basis, keys = src.rows(slice(None)), [g for _, g in src.eigen_keys]
@@ -98,13 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, grams in sources.items():
             for alpha in sorted({1.0, adopted}):
                 scaled = dataclasses.replace(src, hessian_grams=[alpha * m for m in grams])
-                built = build_subspace(scaled, exact, naive, c.probes, c.seed, probe_sigma=ref.probe_orders())
                 worst = {}
-                for lam in args.damping:
-                    sub = dataclasses.replace(built, damping=lam)
-                    sub.readout_coef = fit_readout(sub, scaled, exact, naive, ref.probe_orders())
-                    est = sub.quadratic(sub.replay(sigma), naive).numpy()
-                    got = {f: scores(est, y, naive, r) for f, r in groups.items()}
+                for lam, got in damping_scores(scaled, ref, exact, naive, dev, args.damping):
                     results[f"E={E} {label} scale {alpha:g} damping {lam:g}"] = got
                     worst[lam] = worse_family_r2(got)
                     print(f"| {E} | {label} | {alpha:g} | {lam:g} | {got['random']['r2_order_effect']:.3f} | "
