@@ -84,7 +84,8 @@ def test_epoch_replay_applies_each_groups_curvature_batch_hessian_on_the_whole_b
     assert len(src.hessian_grams) == len(src.eigen_keys) and src.hessian_grams[0].shape == (len(basis),) * 2
     params = ctx.run.params
     (c, g), k = src.eigen_keys[-1], len(basis) - 1
-    batch = curvature_batches(ctx.prepared, params.cache.curvature_batch, params.cache.curvature)[g]
+    # multi_epoch.curvature_batch["2"] sequences (the tiny run's 3, not the batch-level cache's 2)
+    batch = curvature_batches(ctx.prepared, params.multi_epoch.curvature_batch["2"], params.cache.curvature)[g]
     with autocast(params.train, ctx.run.device):
         hv = ctx.run.loss.hvp(thetas[c], batch, (P * basis[k])[None])[0]
     torch.testing.assert_close(src.hessian_grams[-1][:, k], (basis @ (P * hv)).double(), rtol=1e-5,
@@ -130,7 +131,7 @@ def test_an_epoch_cache_with_pairs_at_other_checkpoints_is_refused_and_rebuilt(c
 @pytest.mark.parametrize("knob", ["damping", "curvature_scale", "curvature_batch"])
 def test_an_epoch_cache_of_another_damping_or_curvature_is_refused_and_rebuilt_with_the_params_one(ctx, tmp_path,
                                                                                                   knob):
-    """multi_epoch.damping[E], multi_epoch.curvature_scale[E] and multi_epoch.curvature_batch are part of the
+    """multi_epoch.damping[E], multi_epoch.curvature_scale[E] and multi_epoch.curvature_batch[E] are part of the
     E-epoch file's provenance: estimates refuse a file replayed with another value, and the stage rebuilds it with
     the params' value."""
     import copy
