@@ -48,7 +48,9 @@ def tiny_params(text_dir: Path, defaults: Path = ROOT / "params.yaml") -> dict:
     p["memorization"].update(batches=4, positions=3)
     p["sample_orders"].update(dev={"random": 2, "domains": 1, "mixed": 1, "easy_to_hard": 1},
                               test={"random": 3, "domains": 1, "mixed": 1, "hard_to_easy": 1})
-    p["multi_epoch"].update(epochs=[2], curvature_batch={"2": 3}, dev={"random_reshuffled": 2, "random_repeated": 1, "domains": 1},
+    # a Galerkin curvature batch of its own size (3, not cache.curvature_batch's 2), so tests can tell them apart
+    p["multi_epoch"].update(epochs=[2], curvature_batch={"2": 3},
+                            dev={"random_reshuffled": 2, "random_repeated": 1, "domains": 1},
                             test={"random_reshuffled": 3, "random_repeated": 1, "domains": 1,
                                   "reversed_alternating": 1})
     return p

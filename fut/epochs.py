@@ -11,8 +11,9 @@ product per basis row and domain, shared over torchrun ranks by fut/hessian_jobs
 chosen on dev orders (benchmarks/epoch_curvature.py). Its curvature batch has multi_epoch.curvature_batch[E]
 sequences of the domain's window batches (by default 24 at E = 2, three times the batch-level cache's 8, and 8 at
 E = 3: chosen on dev orders by benchmarks/epoch_curvature_source.py and epoch_curvature_scale.py; the first also
-measured that the Hessian at the later epoch boundaries does worse than θ_0's). That Hessian is applied times multi_epoch.curvature_scale[E] (`scaled_curvature`), chosen on dev orders
-with the damping (benchmarks/epoch_curvature_scale.py): it stands for every batch of its domain all along the run.
+measured that the Hessian at the later epoch boundaries does worse than θ_0's). That Hessian is applied times
+multi_epoch.curvature_scale[E] (`scaled_curvature`), chosen on dev orders with the damping
+(benchmarks/epoch_curvature_scale.py): it stands for every batch of its domain all along the run.
 Adam's preconditioner is frozen at the E-epoch run's mid-point. The replay is damped with λ = multi_epoch.damping[E]
 (fut/subspace.py): without it, the replay's deviation keeps growing after the first epoch while training's stays
 bounded (training forgets an order's early differences; benchmarks/epoch_deviation.py), and λ was chosen on dev

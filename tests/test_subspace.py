@@ -372,8 +372,9 @@ def test_damped_replay_is_the_recursion_with_its_restoring_term_and_keeps_the_re
 def test_galerkin_curvature_replays_as_the_projected_recursion_and_reduces_to_the_eigenspaces():
     """Batches visited twice with own-direction curvature and each group's whole Hessian H_g given through
     B P̄ H_g P̄ Bᵀ (fut/epochs.py's `hessian_grams`): the replay is the full-space recursion that applies H_g to δ and
-    projects it on the basis in Adam's metric (α H_g with the curvature scale α); where H_g is its top eigenspace alone (in the basis), that is the
-    eigenspace replay; the identity order still gives δ = 0, and the operators are stored with the matrices."""
+    projects it on the basis in Adam's metric (α H_g with the curvature scale α); where H_g is its top eigenspace
+    alone (in the basis), that is the eigenspace replay; the identity order still gives δ = 0, and the operators are
+    stored with the matrices."""
     steps, epochs = 3, 2
     S_ = steps * epochs
     src, raw = unit_sources(steps, S_, [(t % steps, t) for t in range(S_)], [[t % steps] for t in range(S_)],
