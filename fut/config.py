@@ -462,21 +462,20 @@ class MultiEpochConfig:
     curvature_batch: dict[str, int] = field(default_factory=lambda: {"2": 24, "3": 8})
 
     def validate(self, key: str) -> None:
+        _check(len(self.epochs) >= 1, f"{key}.epochs", self.epochs, "a non-empty list")
         for i, e in enumerate(self.epochs):
             _check(e >= 2, f"{key}.epochs[{i}]", e, "an int >= 2 (one epoch is the batch-order pipeline)")
-            _check(str(e) in self.damping, f"{key}.damping", self.damping,
-                   f"a mapping with a damping >= 0 for every E in {key}.epochs (E = {e} has none)")
-            _check(str(e) in self.curvature_scale, f"{key}.curvature_scale", self.curvature_scale,
-                   f"a mapping with a scale > 0 for every E in {key}.epochs (E = {e} has none)")
-            _check(str(e) in self.curvature_batch, f"{key}.curvature_batch", self.curvature_batch,
-                   f"a mapping with a batch size >= 1 for every E in {key}.epochs (E = {e} has none)")
-        _check(len(self.epochs) >= 1, f"{key}.epochs", self.epochs, "a non-empty list")
-        for e, value in self.curvature_batch.items():
-            _check(value >= 1, f"{key}.curvature_batch.{e}", value, "an int >= 1")
-        for e, value in self.damping.items():
-            _check(value >= 0, f"{key}.damping.{e}", value, "a number >= 0")
-        for e, value in self.curvature_scale.items():
-            _check(value > 0, f"{key}.curvature_scale.{e}", value, "a number > 0")
+        # each per-E knob: its name, the test of a value, the allowed values, and what every E must have
+        knobs = (("damping", lambda x: x >= 0, "a number >= 0", "a damping >= 0"),
+                 ("curvature_scale", lambda x: x > 0, "a number > 0", "a scale > 0"),
+                 ("curvature_batch", lambda x: x >= 1, "an int >= 1", "a batch size >= 1"))
+        for name, ok, allowed, each in knobs:
+            per_e = getattr(self, name)
+            for e in self.epochs:
+                _check(str(e) in per_e, f"{key}.{name}", per_e,
+                       f"a mapping with {each} for every E in {key}.epochs (E = {e} has none)")
+            for e, value in per_e.items():
+                _check(ok(value), f"{key}.{name}.{e}", value, allowed)
         _check_families(f"{key}.dev", self.dev, EPOCH_FAMILIES)
         _check_families(f"{key}.test", self.test, EPOCH_FAMILIES)
 

@@ -280,6 +280,18 @@ def interpolation(t: int, j: int, pair_checkpoints: Sequence[int], visits: Seque
     return [(pts[lo], 1 - a, lo), (pts[hi], a, hi)]
 
 
+def replay_steps(src: SubspaceSources) -> tuple[torch.Tensor, torch.Tensor]:
+    """The replay's step δ ← a_t δ − b_t P̄ q_t (q the momentum of the gradient differences): a_t = 1 − η_t λ_wd and
+    b_t = η_t / (1 − β1^k) c_t, with c_t = √((1 − β2^k) / (1 − β2^k_mid)) Adam's bias correction, as if its raw
+    second moment stayed at the mid-point's."""
+    hp, steps = src.hp, src.adam_steps
+    bc2_mid = 1 - hp.beta2 ** steps[len(steps) // 2]
+    scale = [math.sqrt((1 - hp.beta2 ** k) / bc2_mid) for k in steps]
+    b = torch.tensor([lr / (1 - hp.beta1 ** k) * c for lr, k, c in zip(src.lrs, steps, scale)], dtype=torch.float64)
+    a = torch.tensor([1 - lr * hp.weight_decay for lr in src.lrs], dtype=torch.float64)
+    return a, b
+
+
 def build_subspace(src: SubspaceSources, probe_readout: Callable[[torch.Tensor], torch.Tensor] | None,
                    base_loss: float, probes: int, seed: int, progress: Callable[[str], None] = lambda s: None,
                    probe_sigma: torch.Tensor | None = None, damping: float = 0.0) -> Subspace:
@@ -313,10 +325,7 @@ def build_subspace(src: SubspaceSources, probe_readout: Callable[[torch.Tensor],
 
     units = Units(src.groups, visits, src.reference_units(), layout)
     forcing = _forcing(S_, N, cks, cks, units, block_at, [v.double() for v in src.eigen_values], proj)
-    bc2_mid = 1 - hp.beta2 ** src.adam_steps[S_ // 2]
-    b = torch.tensor([src.lrs[t] / (1 - hp.beta1 ** src.adam_steps[t])
-                      * math.sqrt((1 - hp.beta2 ** src.adam_steps[t]) / bc2_mid) for t in range(S_)], dtype=torch.float64)
-    a = torch.tensor([1 - lr * hp.weight_decay for lr in src.lrs], dtype=torch.float64)
+    a, b = replay_steps(src)
     sub = Subspace(gram=gram, forcing=forcing, eig_keys=list(src.eigen_keys), eig_offsets=offsets,
                    eig_values=[v.double() for v in src.eigen_values],
                    batch_group=[group_names.index(g) for g in src.groups], group_names=group_names,

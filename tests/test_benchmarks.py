@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from benchmarks.epoch_error_ladder import RUNGS
 from benchmarks.options import calibrated_scores
 from checks.tiny import tiny_params
 from conftest import ROOT
@@ -320,6 +321,25 @@ def test_epoch_deviation_compares_the_replay_with_training_every_half_epoch(arte
         assert [x["step"] for x in rows] == list(range(T // 2, E * T + 1, T // 2))
         assert all(x["cosine"] is None or -1 - 1e-6 <= x["cosine"] <= 1 + 1e-6 for x in rows)
         assert rows[-1]["true_norm"] > 0 and rows[-1]["cosine"] is not None
+
+
+def test_epoch_error_ladder_reproduces_training_in_flat_form_and_scores_each_rung_on_dev_orders(artefacts, tiny_truth,
+                                                                                                tmp_path):
+    params = tiny_truth[0]
+    out = tmp_path / "ladder.json"
+    args = epoch_dev_args(artefacts, tiny_truth, tmp_path, out)
+    E = params.multi_epoch.epochs[0]
+    printed = run_script("epoch_error_ladder.py", *args, "--epochs", str(E))
+    full = json.loads(out.read_text())
+    r = full["results"]
+    assert full["split"] == "dev" and set(r) == {f"E={E} {rung}" for rung in RUNGS} | {f"E={E} n"}
+    assert r[f"E={E} n"]["all"] == sum(params.multi_epoch.dev.values()) + 3 and "| fut-subspace quadratic |" in printed
+    # rung 0 is AdamW in flat form: it lands on each retrained loss up to float32 summation order
+    assert r[f"E={E} adam"]["max_abs_loss_vs_truth"] < 1e-4
+    assert r[f"E={E} adam"]["vs_previous"] is None and r[f"E={E} v from the reference"]["vs_previous"] is not None
+    # every later rung is an approximation that moves the estimates
+    assert all(r[f"E={E} {rung}"]["max_abs_loss_vs_truth"] > 1e-6 for rung in RUNGS[1:])
+    assert len({json.dumps(r[f"E={E} {rung}"]["vs_truth"]) for rung in RUNGS}) == len(RUNGS)
 
 
 def test_pretrained_finetune_saves_the_window_start_as_a_checkpoint_the_pipeline_loads_exactly(tiny, tmp_path):
