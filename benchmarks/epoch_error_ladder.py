@@ -60,10 +60,11 @@ SIDE = ("frozen P̄, following P_t", "linear, curvature batch, unscaled")
 
 
 class Ladder:
-    """The E-epoch reference trajectory (θ_t and Adam's preconditioner P_t) and the rungs' full-space runs of a set of orders [n, E·T], all orders advanced together step by step."""
+    """The E-epoch reference trajectory (θ_t and Adam's preconditioner P_t) and the rungs' full-space runs of a set
+    of orders [n, E·T]."""
 
     def __init__(self, ref: EpochReference):
-        self.ref, self.run = ref, ref.run
+        self.run = ref.run
         run, hp = self.run, self.run.hp
         if hp.grad_clip is not None:
             raise SystemExit("epoch_error_ladder: optimizer.grad_clip must be null (the rungs do not clip)")
@@ -114,11 +115,12 @@ class Ladder:
             lr / (1 - hp.beta1 ** k) * float((p / self.mid).mean()) for lr, k, p in zip(self.lrs, self.steps,
                                                                                        self.preconds)]
         out = []
-        for order in tqdm(orders.tolist(), desc="frozen P̄", leave=False):
+        for order in tqdm(orders.tolist(), desc="frozen P̄" + (", following P_t" if follow_precond else ""),
+                          leave=False):
             d, q = torch.zeros_like(self.mid), torch.zeros_like(self.mid)
             for t, j in enumerate(order):
-                diff = self.grad(self.thetas[t] + d, self.window[j]) - self.grad(self.thetas[t], self.window[t % self.T])
-                q = torch.lerp(q, diff, 1 - self.run.hp.beta1)
+                own = self.grad(self.thetas[t], self.window[t % self.T])
+                q = torch.lerp(q, self.grad(self.thetas[t] + d, self.window[j]) - own, 1 - hp.beta1)
                 d = self.a[t] * d - b[t] * self.mid * q
             out.append(d)
         return torch.stack(out)
