@@ -46,12 +46,11 @@ from benchmarks.epoch_curvature import dev_options, dev_params, dev_set  # noqa:
 from benchmarks.options import scores  # noqa: E402
 from fut.adam import update_term  # noqa: E402
 from fut.cache import batch_group, curvature_batches  # noqa: E402
-from fut.epochs import EpochReference, reference_order  # noqa: E402
+from fut.epochs import EpochReference  # noqa: E402
 from fut.estimators import EstimationContext  # noqa: E402
 from fut.reference import ReferenceRun  # noqa: E402
 from fut.storage import atomic_write_json  # noqa: E402
 from fut.subspace import delta, replay_steps  # noqa: E402
-from fut.training import run_window  # noqa: E402
 
 RUNGS = ("adam", "v from the reference", "frozen P̄", "frozen P̄, following P_t", "linear, exact Hessian",
          "linear, curvature batch, unscaled", "linear, curvature batch", "fut-subspace exact", "fut-subspace quadratic")
@@ -65,20 +64,13 @@ class Ladder:
 
     def __init__(self, ref: EpochReference):
         self.run = ref.run
-        run, hp = self.run, self.run.hp
-        if hp.grad_clip is not None:
+        if self.run.hp.grad_clip is not None:
             raise SystemExit("epoch_error_ladder: optimizer.grad_clip must be null (the rungs do not clip)")
-        self.thetas, self.preconds = [run.theta(0).cpu()], []
-
-        def keep(t: int, trainer, loss: float) -> None:
-            st = trainer.state()
-            self.thetas.append(run.layout.flatten(st.theta))
-            v_hat = run.layout.flatten(st.v) / (1 - hp.beta2 ** st.adam_step)
-            self.preconds.append(1 / (v_hat.sqrt() + hp.eps))
-
-        run_window(ref.params, run.prepared, run.start, reference_order(ref.T, ref.E), on_step=keep)
+        self.thetas, self.preconds, _, _ = ref.trajectory()
         self.S, self.T = ref.steps, ref.T
-        self.window = run.prepared.window
+        self.window = self.run.prepared.window
+        # the reference's own gradient g(θ_t, B_t) at each step, which the δ rungs' gradient differences subtract
+        self.own = [self.grad(self.thetas[t], self.window[t % self.T]) for t in range(self.S)]
         # the replay's sources (its basis rows, for the exact readout) and its steps δ ← a δ − b P̄ q
         self.src = ref.sources(self.thetas, self.preconds, ref.meta["pair_checkpoints"], galerkin=False)
         self.mid, self.lrs, self.steps = self.src.precond, self.src.lrs, self.src.adam_steps
@@ -119,8 +111,7 @@ class Ladder:
                           leave=False):
             d, q = torch.zeros_like(self.mid), torch.zeros_like(self.mid)
             for t, j in enumerate(order):
-                own = self.grad(self.thetas[t], self.window[t % self.T])
-                q = torch.lerp(q, self.grad(self.thetas[t] + d, self.window[j]) - own, 1 - hp.beta1)
+                q = torch.lerp(q, self.grad(self.thetas[t] + d, self.window[j]) - self.own[t], 1 - hp.beta1)
                 d = self.a[t] * d - b[t] * self.mid * q
             out.append(d)
         return torch.stack(out)
@@ -132,11 +123,10 @@ class Ladder:
         n = len(orders)
         d, q = torch.zeros(n, len(self.mid)), torch.zeros(n, len(self.mid))
         for t in tqdm(range(self.S), desc=label, leave=False):
-            own = self.grad(self.thetas[t], self.window[t % self.T])
             diff = torch.empty_like(d)
             for j in orders[:, t].unique().tolist():
                 rows = (orders[:, t] == j).nonzero().flatten()
-                diff[rows] = self.grad(self.thetas[t], self.window[j]) - own + curvature(t, j, d[rows])
+                diff[rows] = self.grad(self.thetas[t], self.window[j]) - self.own[t] + curvature(t, j, d[rows])
             if damping:
                 diff += damping * d / self.mid
             q = torch.lerp(q, diff, 1 - self.run.hp.beta1)
